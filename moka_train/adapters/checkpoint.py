@@ -1,0 +1,217 @@
+"""Saving and loading adapters.
+
+Every method saves ``adapter_model.safetensors`` (names relative to the backbone, the contract) and
+``adapter_config.json`` (the AdapterConfig with ``format_version``). Methods with ``peft_layout`` (LoRA)
+save in peft's own layout instead, so ``PeftModel.from_pretrained`` loads them, and peft's LoRA
+directories load here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from moka_train.adapters.config import AdapterConfig
+from moka_train.adapters.model import _find_handle, adapter_handle, adapter_named_parameters, inject_adapters
+from moka_train.adapters.registry import get_method
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+_PEFT_PREFIX = "base_model.model."
+# peft LoRA options whose behaviour our lora does not reproduce: loading them would give other numbers.
+_PEFT_UNSUPPORTED = {
+    "use_dora": False,
+    "use_rslora": False,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+}
+
+
+def _gathered(parameters: Iterable[nn.Parameter], modifier_rank: int | None = None):
+    """Gather ZeRO-3 partitioned parameters for the block (a no-op for ordinary ones)."""
+    parameters = list(parameters)
+    if any(hasattr(p, "ds_id") for p in parameters):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
+
+
+def _is_writer() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter weights on the CPU, gathered first under ZeRO-3 (call it on every rank there)."""
+    named = list(adapter_named_parameters(model))
+    with _gathered(p for _, p in named):
+        return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in named}
+
+
+def _write_atomic(path: Path, write) -> None:
+    # Write beside the target and rename, so a kill mid-save never leaves a truncated file behind.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Save the adapter weights and config to ``directory``. Under ZeRO-3 call it on every rank; rank 0 writes."""
+    handle = adapter_handle(model)
+    config = handle.config
+    weights = adapter_state_dict(model)
+    directory = Path(directory)
+    if not _is_writer():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if get_method(config.method).peft_layout:
+        weights = {_PEFT_PREFIX + _to_peft_key(name): tensor for name, tensor in weights.items()}
+        config_dict = _peft_config_dict(config, base_model_name_or_path)
+    else:
+        config_dict = {"library": "moka_train", **config.to_dict(), "base_model_name_or_path": base_model_name_or_path}
+    _write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
+    _write_atomic(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> AdapterConfig:
+    """The AdapterConfig saved in ``directory`` (ours or peft's LoRA config)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter config at {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    try:
+        if "peft_type" in raw:
+            return _config_from_peft(raw)
+        raw.pop("library", None)
+        raw.pop("base_model_name_or_path", None)
+        return AdapterConfig.from_dict(raw)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a saved adapter into ``model``: a plain backbone gets the adapter injected first; a model that
+    already carries one must carry the same config. Keys and shapes must match exactly."""
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    handle = _find_handle(model)
+    if handle is None:
+        inject_adapters(model, config)
+    elif handle.config != config:
+        raise ValueError(
+            f"the model carries a different adapter than {directory / CONFIG_NAME}: {handle.config} vs {config}"
+        )
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter weights at {path}")
+    try:
+        weights = load_file(path)
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+    if get_method(config.method).peft_layout:
+        weights = {_from_peft_key(name, path): tensor for name, tensor in weights.items()}
+    load_adapter_weights(model, weights, source=str(path))
+    return model
+
+
+def load_adapter_weights(model: nn.Module, weights: dict[str, Tensor], source: str = "state dict") -> None:
+    """Copy ``weights`` into the adapter parameters, refusing missing, unexpected or mis-shaped entries."""
+    expected = dict(adapter_named_parameters(model))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not match the model's adapter: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:3]}"
+        )
+    with _gathered(expected.values(), modifier_rank=0), torch.no_grad():
+        for name, parameter in expected.items():
+            tensor = weights[name]
+            if tuple(tensor.shape) != tuple(parameter.shape):
+                raise ValueError(
+                    f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(parameter.shape)}"
+                )
+            parameter.copy_(tensor.to(dtype=parameter.dtype, device=parameter.device))
+
+
+# -- peft's LoRA layout ------------------------------------------------------------------------------
+
+
+def _to_peft_key(name: str) -> str:
+    # peft's saved keys drop the adapter name: ...q_proj.lora_A.default.weight -> ...q_proj.lora_A.weight
+    return name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+
+
+def _from_peft_key(name: str, source: Path) -> str:
+    if not name.startswith(_PEFT_PREFIX) or not name.endswith((".lora_A.weight", ".lora_B.weight")):
+        raise ValueError(f"{source}: {name!r} is not a peft LoRA key (base_model.model.<module>.lora_A.weight)")
+    name = name[len(_PEFT_PREFIX) :]
+    return name.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+
+
+def _peft_config_dict(config: AdapterConfig, base_model_name_or_path: str | None) -> dict:
+    from peft import LoraConfig
+
+    peft_config = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=sorted(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        # peft's own writer, so the file is exactly what PeftModel.from_pretrained expects.
+        peft_config.save_pretrained(tmp)
+        return json.loads((Path(tmp) / CONFIG_NAME).read_text())
+
+
+def _config_from_peft(raw: dict) -> AdapterConfig:
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"peft_type {raw.get('peft_type')!r} is not supported; only peft LoRA directories load")
+    for option, default in _PEFT_UNSUPPORTED.items():
+        value = raw.get(option)
+        if value not in (None, default):
+            raise ValueError(f"peft option {option}={value!r} is not supported by moka_train's lora")
+    targets = raw.get("target_modules")
+    if not isinstance(targets, list):
+        raise ValueError(f"peft target_modules must be a list of module names, got {targets!r}")
+    return AdapterConfig(
+        method="lora",
+        rank=raw["r"],
+        alpha=raw["lora_alpha"],
+        dropout=raw.get("lora_dropout", 0.0),
+        target_modules=sorted(targets),
+    )

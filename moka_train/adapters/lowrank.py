@@ -1,0 +1,77 @@
+"""Batched building blocks shared by the adapter methods. No loops over samples or tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def fused_down(x: Tensor, weights: Sequence[Tensor]) -> Tensor:
+    """``x @ [A_1; A_2; ...]^T`` in one matmul, so every A takes part in every forward (DDP and ZeRO-3 need
+    each parameter in the graph even when a batch lacks a modality). Returns ``[..., sum of ranks]``."""
+    weight = weights[0] if len(weights) == 1 else torch.cat(list(weights), dim=0)
+    return F.linear(x, weight)
+
+
+def fused_up(a: Tensor, weights: Sequence[Tensor]) -> Tensor:
+    """``[B_1, B_2, ...] @ a`` in one matmul: the sum over modalities of ``B_m a_m`` when ``a`` holds the
+    columns of every modality side by side."""
+    weight = weights[0] if len(weights) == 1 else torch.cat(list(weights), dim=1)
+    return F.linear(a, weight)
+
+
+def select_own_modality(a_all: Tensor, onehot: Tensor) -> Tensor:
+    """Per token, the low-rank output of its own modality's A.
+
+    ``a_all``: ``[B, L, M * r]`` (every A on every token), ``onehot``: ``[B, L, M]`` (all zero for pads).
+    Returns ``[B, L, r]``; pads get zeros.
+    """
+    batch, length, width = a_all.shape
+    num_modalities = onehot.shape[-1]
+    per_modality = a_all.view(batch, length, num_modalities, width // num_modalities)
+    return torch.einsum("blmr,blm->blr", per_modality, onehot)
+
+
+def compact_index(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Positions of the True entries of ``mask`` [B, L], packed to the front of each row.
+
+    Returns ``index`` [B, N] (N = the largest count, at least 1), ``valid`` [B, N] (which slots hold a real
+    position) and ``count`` [B]. Invalid slots point at distinct non-selected positions, so a scatter back
+    through ``index`` never collides.
+    """
+    count = mask.sum(dim=1)
+    width = max(int(count.max()) if mask.numel() else 0, 1)
+    width = min(width, mask.shape[1])
+    # A stable sort of "not selected" puts selected positions first, in their original order.
+    index = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=mask.device)[None, :] < count[:, None]
+    return index, valid, count
+
+
+def gather_tokens(values: Tensor, index: Tensor) -> Tensor:
+    """``values`` [B, L, r] at ``index`` [B, N] -> [B, N, r]."""
+    return torch.gather(values, 1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+
+
+def cross_attend(queries: Tensor, keys: Tensor, key_valid: Tensor, query_scale: Tensor | float) -> Tensor:
+    """``softmax(q K^T * scale) K`` per sample, keys doubling as values.
+
+    ``queries`` [B, Lq, r], ``keys`` [B, Lk, r], ``key_valid`` [B, Lk] bool, ``query_scale`` a float or a
+    per-sample [B] tensor (folded into the queries, because ``scaled_dot_product_attention`` takes one
+    float). A sample with no valid key returns zeros with finite gradients: its keys are zeroed and its row
+    attends uniformly to them instead of being fully masked (which would give NaN).
+    """
+    has_key = key_valid.any(dim=1)
+    keys = keys * key_valid.unsqueeze(-1).to(keys.dtype)
+    allowed = key_valid | ~has_key.unsqueeze(1)
+    if isinstance(query_scale, Tensor):
+        queries = queries * query_scale.to(queries.dtype).view(-1, 1, 1)
+    else:
+        queries = queries * query_scale
+    out = F.scaled_dot_product_attention(
+        queries.unsqueeze(1), keys.unsqueeze(1), keys.unsqueeze(1), attn_mask=allowed[:, None, None, :], scale=1.0
+    )
+    return out.squeeze(1)

@@ -1,0 +1,1 @@
+"""One module per adapter method family; each registers its classes with ``register_method``."""

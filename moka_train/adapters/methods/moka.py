@@ -1,0 +1,119 @@
+"""MokA (Multimodal Low-Rank Adaptation) and the interaction variants of the paper's Table 4.
+
+All four share the parameters ``lora_A.<modality>.weight`` (one A per modality, rank r) and one shared
+``lora_B.weight``, and differ only in how the low-rank activations interact. With s = alpha / r:
+
+    a_i  = A_m(i) x_i                          every token through its own modality's A
+    a_i' = a_i + interaction_i                 (variant-specific, below)
+    h_i  = W0 x_i + s B a_i'                   (scaling_position = after_b)
+
+With ``scaling_position = before_attention`` (the official audio-visual code) s multiplies every a_i
+before the interaction and nothing after B, so attention logits carry s^2. Pads get no delta.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from moka_train.adapters.config import AdapterConfig
+from moka_train.adapters.layer import AdaptedLinear
+from moka_train.adapters.lowrank import cross_attend, fused_down, gather_tokens, select_own_modality
+from moka_train.adapters.registry import register_method
+from moka_train.adapters.routing import RoutingState, TokenRouting
+
+
+@register_method("moka")
+class MokaLinear(AdaptedLinear):
+    """MokA: modality-specific A, task-centric cross-attention in the low-rank space, shared B.
+
+    For the non-text tokens i of a sample, with K = [a_j for j in the sample's question span] (keys and
+    values, i.e. A_text x_j):
+
+        att_i = softmax(a_i K^T / sqrt(S)) K,     a_i' = a_i + lambda_m(i) att_i
+
+    S is the sample's number of question tokens (``attn_scale = question_tokens``) or r (``rank``). Text
+    tokens keep a_i' = a_i; a sample with no question token gets no cross-attention.
+    """
+
+    def __init__(self, base_layer: nn.Linear, config: AdapterConfig, routing: RoutingState) -> None:
+        super().__init__(base_layer, config, routing)
+        self.rank = config.rank
+        self.lora_A = nn.ModuleDict({m: self._new_down(self.rank) for m in config.modalities})
+        self.lora_B = self._new_up(self.rank)
+        self.scaling = config.alpha / self.rank
+        self.scale_before_interaction = config.scaling_position == "before_attention"
+        # Interaction weight per configured modality; text (index 0) never queries.
+        self.media_lambdas = (0.0, *(config.lambda_for(m) for m in config.modalities[1:]))
+
+    def delta(self, x: Tensor, tokens: TokenRouting) -> Tensor:
+        a_all = fused_down(x, [layer.weight for layer in self.lora_A.values()])
+        if tokens.all_text:
+            a = a_all[..., : self.rank]
+        else:
+            a = select_own_modality(a_all, tokens.onehot(a_all.dtype))
+        if self.scale_before_interaction:
+            a = a * self.scaling
+        if not tokens.all_text:
+            a = self.interact(a, tokens)
+        out = self.lora_B(a)
+        return out if self.scale_before_interaction else out * self.scaling
+
+    def key_scale(self, count: Tensor) -> Tensor | float:
+        """1/sqrt(S) per sample: S = the sample's number of key tokens, or r."""
+        if self.config.attn_scale == "rank":
+            return self.rank**-0.5
+        return count.clamp(min=1).float().rsqrt()
+
+    def interact(self, a: Tensor, tokens: TokenRouting) -> Tensor:
+        if not (tokens.has_media and tokens.has_question):
+            return a
+        index, valid, count = tokens.question
+        keys = gather_tokens(a, index)
+        attended = cross_attend(a, keys, valid, self.key_scale(count))
+        return a + tokens.per_modality(self.media_lambdas, a.dtype).unsqueeze(-1) * attended
+
+
+@register_method("moka_no_ca")
+class MokaNoCrossAttentionLinear(MokaLinear):
+    """MokA without cross-attention (lambda = 0): modality-specific A's and a shared B,
+    ``h_i = W0 x_i + s B A_m(i) x_i``."""
+
+    def interact(self, a: Tensor, tokens: TokenRouting) -> Tensor:
+        return a
+
+
+@register_method("text_query")
+class TextQueryLinear(MokaLinear):
+    """The paper's "cross-attention*" (Table 4): the question tokens query the media tokens.
+
+    For j in the question span, with V = [a_i for the sample's media tokens i] (each through its own
+    modality's A) and S their count (or r with ``attn_scale = rank``):
+
+        a_j' = a_j + lambda_text softmax(a_j V^T / sqrt(S)) V
+
+    Media tokens are unchanged.
+    """
+
+    def interact(self, a: Tensor, tokens: TokenRouting) -> Tensor:
+        if not (tokens.has_media and tokens.has_question):
+            return a
+        q_index, q_valid, _ = tokens.question
+        m_index, m_valid, m_count = tokens.media
+        attended = cross_attend(gather_tokens(a, q_index), gather_tokens(a, m_index), m_valid, self.key_scale(m_count))
+        update = attended * (self.config.lambda_for("text") * q_valid.to(a.dtype)).unsqueeze(-1)
+        # Invalid slots point at distinct non-question positions and carry zeros.
+        return a.scatter_add(1, q_index.unsqueeze(-1).expand_as(update), update)
+
+
+@register_method("naive")
+class NaiveInteractionLinear(MokaLinear):
+    """Naive interaction (Table 4): uniform weights instead of attention. Each media token adds the mean of
+    its sample's question keys, ``a_i' = a_i + lambda_m(i) mean_j a_j`` (j in the question span)."""
+
+    def interact(self, a: Tensor, tokens: TokenRouting) -> Tensor:
+        if not (tokens.has_media and tokens.has_question):
+            return a
+        question = tokens.question_mask.to(a.dtype).unsqueeze(-1)
+        count = question.sum(dim=1).clamp(min=1)
+        mean = (a * question).sum(dim=1, keepdim=True) / count.unsqueeze(1)
+        return a + tokens.per_modality(self.media_lambdas, a.dtype).unsqueeze(-1) * mean

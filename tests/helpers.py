@@ -1,0 +1,79 @@
+"""Tiny real models and routing batches shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from moka_train.adapters import adapter_named_parameters
+from moka_train.modality import Modality
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_qwen2(seed: int = 0, layers: int = 2) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+def randomize_adapters(model: nn.Module, seed: int = 1, std: float = 0.3) -> None:
+    """Give B (zero at init) random values so that the adapter path changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in adapter_named_parameters(model):
+            if ".lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+
+
+# A sample layout: (kind, count) segments, kind in text / question / visual / audio / speech.
+Layout = list[tuple[str, int]]
+
+
+def routing_batch(layouts: list[Layout], pad_side: str = "right") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``modality_ids``, ``question_mask`` and ``attention_mask`` for samples of ragged lengths."""
+    length = max(sum(n for _, n in layout) for layout in layouts)
+    ids = torch.full((len(layouts), length), int(Modality.PAD), dtype=torch.long)
+    question = torch.zeros(len(layouts), length, dtype=torch.bool)
+    for row, layout in enumerate(layouts):
+        kinds: list[str] = [kind for kind, n in layout for _ in range(n)]
+        start = length - len(kinds) if pad_side == "left" else 0
+        for offset, kind in enumerate(kinds):
+            modality = Modality.TEXT if kind == "question" else Modality.parse(kind)
+            ids[row, start + offset] = int(modality)
+            question[row, start + offset] = kind == "question"
+    return ids, question, (ids != int(Modality.PAD)).long()
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding, as generation computes them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)

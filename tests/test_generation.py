@@ -1,0 +1,141 @@
+"""Generation with modality-aware adapters: prefill + cached decode equals a full forward (routing covers
+the prompt; later positions are text), greedy and beam search, on tiny Llama and Qwen2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moka_train.adapters import AdapterConfig, RoutingError, inject_adapters, set_routing
+from moka_train.modality import Modality
+from tests.helpers import VOCAB, position_ids, randomize_adapters, routing_batch, tiny_llama, tiny_qwen2
+
+BACKBONES = {"llama": tiny_llama, "qwen2": tiny_qwen2}
+LAYOUTS = [
+    [("text", 2), ("visual", 5), ("audio", 3), ("question", 4), ("text", 2)],
+    [("text", 1), ("visual", 3), ("question", 2), ("text", 2)],
+]
+NEW_TOKENS = 5
+
+
+def adapted(backbone: str, method: str = "moka"):
+    model = inject_adapters(BACKBONES[backbone](), AdapterConfig(method=method))
+    randomize_adapters(model, std=0.5)
+    ids, question, mask = routing_batch(LAYOUTS, pad_side="left")
+    prompt = torch.randint(3, VOCAB, ids.shape, generator=torch.Generator().manual_seed(0)) * mask
+    set_routing(model, ids, question)
+    return model, prompt, mask
+
+
+def full_forward_logits(model, sequences: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    mask = torch.cat([prompt_mask, torch.ones_like(sequences[:, prompt_mask.shape[1] :])], dim=1)
+    with torch.no_grad():
+        return model(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask)).logits
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+@pytest.mark.parametrize("method", ["moka", "text_query", "uni_lora"])
+def test_prefill_and_cached_decode_equal_full_forward(backbone, method):
+    model, prompt, mask = adapted(backbone, method)
+    positions = position_ids(mask)
+    with torch.no_grad():
+        out = model(input_ids=prompt, attention_mask=mask, position_ids=positions, use_cache=True)
+        step_logits = [out.logits[:, -1]]
+        cache, tokens, attention = out.past_key_values, [], mask
+        for _ in range(NEW_TOKENS):
+            token = step_logits[-1].argmax(-1, keepdim=True)
+            tokens.append(token)
+            attention = torch.cat([attention, torch.ones_like(token)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model(
+                input_ids=token, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
+            )
+            cache = out.past_key_values
+            step_logits.append(out.logits[:, -1])
+    sequences = torch.cat([prompt, *tokens], dim=1)
+    full = full_forward_logits(model, sequences, mask)
+    length = prompt.shape[1]
+    for step, logits in enumerate(step_logits):
+        torch.testing.assert_close(logits, full[:, length - 1 + step], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_greedy_generate_matches_full_forward_and_no_cache(backbone):
+    model, prompt, mask = adapted(backbone)
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    full = full_forward_logits(model, cached.sequences, mask)
+    length = prompt.shape[1]
+    for step, logits in enumerate(cached.logits):
+        torch.testing.assert_close(logits, full[:, length - 1 + step], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(uncached.logits[step], logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_beam_search_matches_full_forward_and_no_cache(backbone):
+    """Two beams expand the routing per sample; the best beam's score is the sum of its tokens'
+    log-probabilities under a full forward (length_penalty 0)."""
+    model, prompt, mask = adapted(backbone)
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        num_beams=2,
+        num_return_sequences=2,
+        length_penalty=0.0,
+        early_stopping=True,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, rtol=1e-5, atol=1e-5)
+    expanded_mask = mask.repeat_interleave(2, dim=0)
+    set_routing(model, *[t.repeat_interleave(2, dim=0) for t in routing_batch(LAYOUTS, pad_side="left")[:2]])
+    full = full_forward_logits(model, cached.sequences, expanded_mask)
+    length = prompt.shape[1]
+    log_probs = full[:, length - 1 : -1].log_softmax(-1)
+    generated = cached.sequences[:, length:]
+    sums = log_probs.gather(-1, generated.unsqueeze(-1)).squeeze(-1).sum(-1)
+    torch.testing.assert_close(cached.sequences_scores, sums, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_prefill_is_refused():
+    model, prompt, mask = adapted("llama")
+    half = prompt.shape[1] // 2
+    with pytest.raises(RoutingError, match="routing covers"):
+        model(input_ids=prompt[:, :half], attention_mask=mask[:, :half], use_cache=True)
+    set_routing(model, None)
+    with torch.no_grad():
+        out = model(input_ids=prompt[:, :half], attention_mask=mask[:, :half], use_cache=True)
+    ids, question, _ = routing_batch(LAYOUTS, pad_side="left")
+    set_routing(model, ids, question)
+    with pytest.raises(RoutingError, match="chunked prefill"):
+        model(input_ids=prompt[:, half:], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+
+
+def test_single_token_prompt_is_not_a_decode_step():
+    """A one-token prefill at position 0 uses its routed modality (not text), unlike the official code's
+    ``x.size(1) == 1`` test."""
+    model = inject_adapters(tiny_llama(), AdapterConfig(method="moka"))
+    randomize_adapters(model, std=0.5)
+    token = torch.tensor([[7]])
+    set_routing(model, torch.tensor([[int(Modality.VISUAL)]]), torch.tensor([[False]]))
+    with torch.no_grad():
+        as_visual = model(input_ids=token, use_cache=True).logits
+        set_routing(model, None)
+        as_text = model(input_ids=token, use_cache=True).logits
+    assert not torch.allclose(as_visual, as_text, atol=1e-4)
