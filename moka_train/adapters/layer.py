@@ -43,6 +43,7 @@ class AdaptedLinear(nn.Module):
         # DeepSpeed ZeRO-3 gathers a module's own parameters before its forward. The fused matmuls read the
         # weights of the lora_A / lora_B children directly, so this whole module is one ZeRO-3 "leaf".
         self._z3_leaf = True
+        self.register_forward_pre_hook(_track_input_grad_under_zero3)
 
     def _factory(self) -> dict:
         """Device and dtype for new adapter weights: the base layer's device, fp32 (or the base's dtype if
@@ -65,7 +66,12 @@ class AdaptedLinear(nn.Module):
 
     @property
     def adapter_dtype(self) -> torch.dtype:
-        return next(p for name, p in self.named_parameters() if not name.startswith("base_layer.")).dtype
+        # Called on every forward: look at the children directly rather than walking named_parameters().
+        for name, module in self._modules.items():
+            if name != "base_layer":
+                for parameter in module.parameters():
+                    return parameter.dtype
+        raise RuntimeError(f"{type(self).__name__} has no adapter parameters")
 
     def adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The trainable parameters this layer adds, with names relative to the layer."""
@@ -87,3 +93,18 @@ class AdaptedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _track_input_grad_under_zero3(module: AdaptedLinear, args: tuple) -> tuple | None:
+    """Forward pre-hook: under ZeRO-3, make the layer's input require grad.
+
+    DeepSpeed reduces a leaf module's gradients from a full backward hook on the module. When the input
+    does not require grad (layer 0's q/k/v behind a frozen embedding), PyTorch fires that hook as soon as
+    the output gradient exists, before the parameter gradients do, and the first backward crashes on an
+    already re-partitioned weight. A detached input that requires grad delays the hook until the layer's
+    backward is complete; it costs one extra input-gradient matmul in the layers that had none.
+    """
+    x = args[0]
+    if torch.is_grad_enabled() and not x.requires_grad and hasattr(module.base_layer.weight, "ds_id"):
+        return (x.detach().requires_grad_(), *args[1:])
+    return None

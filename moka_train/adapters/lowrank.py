@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,22 +57,39 @@ def gather_tokens(values: Tensor, index: Tensor) -> Tensor:
     return torch.gather(values, 1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
 
 
-def cross_attend(queries: Tensor, keys: Tensor, key_valid: Tensor, query_scale: Tensor | float) -> Tensor:
+@dataclass(frozen=True)
+class AttentionKeys:
+    """The key slots of a batched attention in the low-rank space, built once per forward from the routing
+    and shared by every layer: ``index`` [B, N] (positions, see ``compact_index``), ``count`` [B],
+    ``invalid`` [B, N, 1] (slots to zero) and ``allowed`` [B, 1, 1, N] (the SDPA mask)."""
+
+    index: Tensor
+    valid: Tensor
+    count: Tensor
+    invalid: Tensor
+    allowed: Tensor
+
+    @classmethod
+    def from_mask(cls, mask: Tensor) -> AttentionKeys:
+        index, valid, count = compact_index(mask)
+        # A sample with no key attends uniformly to its zeroed slots (output 0, finite gradients) instead
+        # of a fully masked row, which gives NaN.
+        allowed = valid | (count == 0).unsqueeze(1)
+        return cls(index, valid, count, (~valid).unsqueeze(-1), allowed[:, None, None, :])
+
+
+def cross_attend(queries: Tensor, keys: Tensor, slots: AttentionKeys, query_scale: Tensor | float) -> Tensor:
     """``softmax(q K^T * scale) K`` per sample, keys doubling as values.
 
-    ``queries`` [B, Lq, r], ``keys`` [B, Lk, r], ``key_valid`` [B, Lk] bool, ``query_scale`` a float or a
-    per-sample [B] tensor (folded into the queries, because ``scaled_dot_product_attention`` takes one
-    float). A sample with no valid key returns zeros with finite gradients: its keys are zeroed and its row
-    attends uniformly to them instead of being fully masked (which would give NaN).
+    ``queries`` [B, Lq, r], ``keys`` [B, N, r] gathered at ``slots.index``, ``query_scale`` a float or a
+    [B, 1, 1] tensor (folded into the queries, because ``scaled_dot_product_attention`` takes one float).
     """
-    has_key = key_valid.any(dim=1)
-    keys = keys * key_valid.unsqueeze(-1).to(keys.dtype)
-    allowed = key_valid | ~has_key.unsqueeze(1)
-    if isinstance(query_scale, Tensor):
-        queries = queries * query_scale.to(queries.dtype).view(-1, 1, 1)
-    else:
-        queries = queries * query_scale
+    keys = keys.masked_fill(slots.invalid, 0.0)
     out = F.scaled_dot_product_attention(
-        queries.unsqueeze(1), keys.unsqueeze(1), keys.unsqueeze(1), attn_mask=allowed[:, None, None, :], scale=1.0
+        (queries * query_scale).unsqueeze(1),
+        keys.unsqueeze(1),
+        keys.unsqueeze(1),
+        attn_mask=slots.allowed,
+        scale=1.0,
     )
     return out.squeeze(1)

@@ -15,7 +15,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from moka_train.adapters.lowrank import compact_index
+from moka_train.adapters.lowrank import AttentionKeys
 from moka_train.modality import Modality
 
 _NOT_CONFIGURED = -2
@@ -68,14 +68,29 @@ class TokenRouting:
         return self._question_mask is not None and bool(self._question_mask.any())
 
     @cached_property
-    def question(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Compact question span: ``(index [B, Q], valid [B, Q], count [B])``."""
-        return compact_index(self.question_mask)
+    def question(self) -> AttentionKeys:
+        """The question span, packed per sample."""
+        return AttentionKeys.from_mask(self.question_mask)
 
     @cached_property
-    def media(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Compact media tokens (every non-text, non-pad token): ``(index, valid, count)``."""
-        return compact_index(self.modality_index > 0)
+    def media(self) -> AttentionKeys:
+        """The media tokens (every non-text, non-pad token), packed per sample."""
+        return AttentionKeys.from_mask(self.modality_index > 0)
+
+    def inverse_sqrt_count(self, slots: AttentionKeys, dtype: torch.dtype) -> Tensor:
+        """1/sqrt(number of keys) per sample, [B, 1, 1] (1 for a sample without keys)."""
+        key = ("rsqrt", id(slots), dtype)
+        if key not in self._cache:
+            self._cache[key] = slots.count.clamp(min=1).to(dtype).rsqrt().view(-1, 1, 1)
+        return self._cache[key]
+
+    def question_mean_weights(self, dtype: torch.dtype) -> Tensor:
+        """[B, L, 1]: 1/count on the question span, 0 elsewhere (a mean over the span as a weighted sum)."""
+        key = ("mean", dtype)
+        if key not in self._cache:
+            count = self.question.count.clamp(min=1).to(dtype).view(-1, 1, 1)
+            self._cache[key] = self.question_mask.unsqueeze(-1).to(dtype) / count
+        return self._cache[key]
 
     def onehot(self, dtype: torch.dtype) -> Tensor:
         """[B, L, M] one-hot of each token's modality; all zero for pads."""

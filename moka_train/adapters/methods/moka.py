@@ -13,11 +13,12 @@ before the interaction and nothing after B, so attention logits carry s^2. Pads 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from moka_train.adapters.config import AdapterConfig
 from moka_train.adapters.layer import AdaptedLinear
-from moka_train.adapters.lowrank import cross_attend, fused_down, gather_tokens, select_own_modality
+from moka_train.adapters.lowrank import AttentionKeys, cross_attend, fused_down, gather_tokens, select_own_modality
 from moka_train.adapters.registry import register_method
 from moka_train.adapters.routing import RoutingState, TokenRouting
 
@@ -58,18 +59,17 @@ class MokaLinear(AdaptedLinear):
         out = self.lora_B(a)
         return out if self.scale_before_interaction else out * self.scaling
 
-    def key_scale(self, count: Tensor) -> Tensor | float:
+    def key_scale(self, tokens: TokenRouting, slots: AttentionKeys, dtype: torch.dtype) -> Tensor | float:
         """1/sqrt(S) per sample: S = the sample's number of key tokens, or r."""
         if self.config.attn_scale == "rank":
             return self.rank**-0.5
-        return count.clamp(min=1).float().rsqrt()
+        return tokens.inverse_sqrt_count(slots, dtype)
 
     def interact(self, a: Tensor, tokens: TokenRouting) -> Tensor:
         if not (tokens.has_media and tokens.has_question):
             return a
-        index, valid, count = tokens.question
-        keys = gather_tokens(a, index)
-        attended = cross_attend(a, keys, valid, self.key_scale(count))
+        slots = tokens.question
+        attended = cross_attend(a, gather_tokens(a, slots.index), slots, self.key_scale(tokens, slots, a.dtype))
         return a + tokens.per_modality(self.media_lambdas, a.dtype).unsqueeze(-1) * attended
 
 
@@ -97,12 +97,16 @@ class TextQueryLinear(MokaLinear):
     def interact(self, a: Tensor, tokens: TokenRouting) -> Tensor:
         if not (tokens.has_media and tokens.has_question):
             return a
-        q_index, q_valid, _ = tokens.question
-        m_index, m_valid, m_count = tokens.media
-        attended = cross_attend(gather_tokens(a, q_index), gather_tokens(a, m_index), m_valid, self.key_scale(m_count))
-        update = attended * (self.config.lambda_for("text") * q_valid.to(a.dtype)).unsqueeze(-1)
+        question, media = tokens.question, tokens.media
+        attended = cross_attend(
+            gather_tokens(a, question.index),
+            gather_tokens(a, media.index),
+            media,
+            self.key_scale(tokens, media, a.dtype),
+        )
+        update = attended * (self.config.lambda_for("text") * question.valid.to(a.dtype)).unsqueeze(-1)
         # Invalid slots point at distinct non-question positions and carry zeros.
-        return a.scatter_add(1, q_index.unsqueeze(-1).expand_as(update), update)
+        return a.scatter_add(1, question.index.unsqueeze(-1).expand_as(update), update)
 
 
 @register_method("naive")
@@ -113,7 +117,5 @@ class NaiveInteractionLinear(MokaLinear):
     def interact(self, a: Tensor, tokens: TokenRouting) -> Tensor:
         if not (tokens.has_media and tokens.has_question):
             return a
-        question = tokens.question_mask.to(a.dtype).unsqueeze(-1)
-        count = question.sum(dim=1).clamp(min=1)
-        mean = (a * question).sum(dim=1, keepdim=True) / count.unsqueeze(1)
+        mean = (a * tokens.question_mean_weights(a.dtype)).sum(dim=1, keepdim=True)
         return a + tokens.per_modality(self.media_lambdas, a.dtype).unsqueeze(-1) * mean
