@@ -1,0 +1,77 @@
+"""scripts/bench_adapters.py: the quick run reports every method with sane numbers, and its per-sample
+loop baseline computes exactly our moka (official settings). No timing assertions: timings are noisy."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_adapters.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_adapters", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the class body runs.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def quick_run(bench, tmp_path_factory):
+    import contextlib
+    import io
+
+    json_path = tmp_path_factory.mktemp("bench") / "bench.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        report = bench.main(["--quick", "--json", str(json_path)])
+    return report, stdout.getvalue(), json_path
+
+
+def test_quick_run_reports_every_method(bench, quick_run):
+    report, printed, json_path = quick_run
+    assert "saved_tensors_hooks" in printed  # the output says which memory measure it used
+    assert "torch" in printed and "threads" in printed
+    assert set(report["cases"]) == {"linear", "stack"}
+    for case in ("linear", "stack"):
+        table = printed.split(f"### {case}:")[1].split("###")[0]
+        rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+        for method in bench.METHODS:
+            assert method in rows, f"{case} table lacks {method}"
+            cells = [cell.strip() for cell in rows[method].split("|")[2:-1]]
+            time_ms, ratio_base, ratio_peft, saved_mib, _ = (float(cell) for cell in cells)
+            assert all(math.isfinite(v) and v > 0 for v in (time_ms, ratio_base, ratio_peft))
+            assert math.isfinite(saved_mib) and saved_mib >= 0
+        for row in report["cases"][case]["rows"]:
+            assert row["time_ms"] > 0 and all(t > 0 for t in row["times_ms"])
+            if row["method"] != "base":  # the frozen base on the CPU may save nothing at all
+                assert row["saved_bytes"] > 0 and math.isfinite(row["memory_ratio_peft"])
+                assert row["trainable_params"] > 0
+    assert json.loads(json_path.read_text())["cases"]["linear"]["rows"][0]["method"] == "base"
+
+
+def test_official_loop_equals_moka(bench):
+    worst = bench.check_official_loop_matches_moka("cpu", seed=3, atol=1e-5)
+    assert worst <= 1e-5
+
+
+def test_equivalence_check_catches_a_different_computation(bench, monkeypatch):
+    """The check is not vacuous: a loop baseline with another lambda must fail it."""
+    original = bench.OfficialLoopMoka.__init__
+
+    def half_lambda(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.blc_weight = 0.5
+
+    monkeypatch.setattr(bench.OfficialLoopMoka, "__init__", half_lambda)
+    with pytest.raises(AssertionError, match="differ"):
+        bench.check_official_loop_matches_moka("cpu")
