@@ -109,3 +109,22 @@ def test_double_injection_is_refused():
 def test_set_routing_on_a_plain_model():
     with pytest.raises(ValueError, match="carries no adapters"):
         set_routing(tiny_llama(), None)
+
+
+def test_context_managers_restore_state():
+    """``with routing(...)`` unbinds on exit (a later forward raises instead of reusing stale routing);
+    ``with active_modalities(...)`` restores the previous choice."""
+    from moka_train.adapters import active_modalities, routing
+
+    model = inject_adapters(tiny_llama(), AdapterConfig(method="moka"))
+    ids, question, _ = routing_batch(LAYOUT)
+    tokens = torch.full(ids.shape, 5)
+    with routing(model, ids, question):
+        model(input_ids=tokens)
+    with pytest.raises(RoutingError, match="no routing bound"):
+        model(input_ids=tokens)
+    state = model._moka_adapter.routing
+    set_active_modalities(model, ["visual"])
+    with active_modalities(model, ["text", "audio"]):
+        assert [m.key for m in state.active] == ["text", "audio"]
+    assert [m.key for m in state.active] == ["visual"]

@@ -16,6 +16,10 @@ LAYOUTS = [
     [("text", 1), ("visual", 3), ("question", 2), ("text", 2)],
 ]
 NEW_TOKENS = 5
+# Exactly NEW_TOKENS greedy steps, so that runs with and without a cache can be compared token by token.
+GENERATE = dict(
+    max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, return_dict_in_generate=True
+)
 
 
 def adapted(backbone: str, method: str = "moka"):
@@ -62,15 +66,7 @@ def test_prefill_and_cached_decode_equal_full_forward(backbone, method):
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_greedy_generate_matches_full_forward_and_no_cache(backbone):
     model, prompt, mask = adapted(backbone)
-    kwargs = dict(
-        attention_mask=mask,
-        max_new_tokens=NEW_TOKENS,
-        min_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        pad_token_id=0,
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
+    kwargs = dict(attention_mask=mask, output_logits=True, **GENERATE)
     cached = model.generate(prompt, use_cache=True, **kwargs)
     uncached = model.generate(prompt, use_cache=False, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)
@@ -86,19 +82,8 @@ def test_beam_search_matches_full_forward_and_no_cache(backbone):
     """Two beams expand the routing per sample; the best beam's score is the sum of its tokens'
     log-probabilities under a full forward (length_penalty 0)."""
     model, prompt, mask = adapted(backbone)
-    kwargs = dict(
-        attention_mask=mask,
-        max_new_tokens=NEW_TOKENS,
-        min_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        num_beams=2,
-        num_return_sequences=2,
-        length_penalty=0.0,
-        early_stopping=True,
-        pad_token_id=0,
-        return_dict_in_generate=True,
-        output_scores=True,
-    )
+    beams = dict(num_beams=2, num_return_sequences=2, length_penalty=0.0, early_stopping=True)
+    kwargs = dict(attention_mask=mask, output_scores=True, **beams, **GENERATE)
     cached = model.generate(prompt, use_cache=True, **kwargs)
     uncached = model.generate(prompt, use_cache=False, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)
