@@ -49,7 +49,12 @@ def _run(command: list[str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
     """Run ``command`` in its own process group; on timeout kill the whole group (torchrun and its
     workers). Returns the exit code and the combined output."""
     process = subprocess.Popen(
-        command, cwd=ROOT, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command,
+        cwd=ROOT,
+        env=_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     try:
@@ -71,8 +76,16 @@ def _train(mode: str, out_dir: Path, *extra: str, timeout: float = TIMEOUT_S) ->
         command = [sys.executable, str(WORKER), mode, str(out_dir), *extra]
     else:
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE),
-            str(WORKER), mode, str(out_dir), *extra,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(WORLD_SIZE),
+            str(WORKER),
+            mode,
+            str(out_dir),
+            *extra,
         ]
     returncode, output = _run(command, timeout)
     record_path = out_dir / "losses.json"
@@ -96,6 +109,8 @@ def _assert_matches_reference(record: dict, out_dir: Path, reference: tuple[dict
     expected, reference_dir = reference
     assert record["world_size"] == WORLD_SIZE
     assert record["steps"] == expected["steps"]
+    assert record["parameter_counts"] == expected["parameter_counts"]
+    assert record["parameter_counts"]["adapter"] == record["parameter_counts"]["trainable"] > 0
     assert record["losses"] == pytest.approx(expected["losses"], rel=LOSS_RTOL), (
         f"{record['mode']} losses {record['losses']} != single-process {expected['losses']}"
     )
@@ -104,9 +119,13 @@ def _assert_matches_reference(record: dict, out_dir: Path, reference: tuple[dict
     worst = max(want, key=lambda name: float((got[name] - want[name]).abs().max()))
     for name in want:
         torch.testing.assert_close(
-            got[name], want[name], rtol=0, atol=WEIGHT_ATOL,
-            msg=lambda m, name=name: f"{record['mode']} {name} differs from the single-process run "
-            f"(worst tensor: {worst}): {m}",
+            got[name],
+            want[name],
+            rtol=0,
+            atol=WEIGHT_ATOL,
+            msg=lambda m, name=name: (
+                f"{record['mode']} {name} differs from the single-process run (worst tensor: {worst}): {m}"
+            ),
         )
     config = json.loads((out_dir / "adapter" / "adapter_config.json").read_text())
     assert config["method"] == "moka"

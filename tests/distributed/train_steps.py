@@ -33,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from moka_train.adapters import (
     AdapterConfig,
     adapter_named_parameters,
+    count_parameters,
     inject_adapters,
     save_adapter,
     set_routing,
@@ -72,9 +73,16 @@ def build_model() -> torch.nn.Module:
     would leave every A without gradient on the first step)."""
     torch.manual_seed(MODEL_SEED)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     model = LlamaForCausalLM(config)
     inject_adapters(model, AdapterConfig(method="moka", rank=4, alpha=16, modalities=["text", "visual", "audio"]))
@@ -110,8 +118,11 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
     attention_mask = (modality_ids != int(Modality.PAD)).long()
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
     return {
-        "input_ids": input_ids, "attention_mask": attention_mask, "modality_ids": modality_ids,
-        "question_mask": question_mask, "labels": labels,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "modality_ids": modality_ids,
+        "question_mask": question_mask,
+        "labels": labels,
     }
 
 
@@ -121,7 +132,7 @@ def global_label_count(batch: dict[str, torch.Tensor]) -> int:
 
 def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
     per_rank = GLOBAL_BATCH // world
-    return {key: value[rank * per_rank:(rank + 1) * per_rank] for key, value in batch.items()}
+    return {key: value[rank * per_rank : (rank + 1) * per_rank] for key, value in batch.items()}
 
 
 def step_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_count: int, world: int) -> torch.Tensor:
@@ -129,8 +140,10 @@ def step_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_coun
     set_routing(model, batch["modality_ids"], batch["question_mask"])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch["labels"][:, 1:].reshape(-1),
-        ignore_index=-100, reduction="sum",
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
     )
     return loss / label_count * world
 
@@ -215,7 +228,16 @@ def train(mode: str, out_dir: Path, steps: int, lr: float) -> list[float]:
     # Under ZeRO-3 every rank must take part in the gather; only rank 0 writes.
     save_adapter(engine.module if distributed else model, out_dir / "adapter")
     if rank == 0:
-        record = {"mode": mode, "world_size": world, "steps": steps, "lr": lr, "losses": losses}
+        # Counted on the live (under ZeRO-3: partitioned) model, so ds_numel must stand in for numel.
+        counts = count_parameters(engine.module if distributed else model)
+        record = {
+            "mode": mode,
+            "world_size": world,
+            "steps": steps,
+            "lr": lr,
+            "losses": losses,
+            "parameter_counts": {"adapter": counts.adapter, "trainable": counts.trainable, "total": counts.total},
+        }
         (out_dir / "losses.json").write_text(json.dumps(record, indent=2) + "\n")
     if distributed:
         # A barrier before tearing down gloo: destroying right after a collective sometimes aborts a rank.
