@@ -1,6 +1,7 @@
 """A few MokA training steps on a tiny random Llama, in one of three modes, for tests/test_distributed.py.
 
-    python tests/distributed/train_steps.py single OUT_DIR                                # the reference
+    export PYTHONPATH=.   # from the repository root: the worker imports tests.helpers
+    python tests/distributed/train_steps.py single OUT_DIR                                   # the reference
     torchrun --standalone --nproc_per_node 2 tests/distributed/train_steps.py ddp OUT_DIR    # torch DDP, gloo
     DS_ACCELERATOR=cpu torchrun --standalone --nproc_per_node 2 tests/distributed/train_steps.py zero3 OUT_DIR
 
@@ -28,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from moka_train.adapters import (
     AdapterConfig,
@@ -39,11 +39,11 @@ from moka_train.adapters import (
     set_routing,
 )
 from moka_train.modality import Modality
+from tests.helpers import VOCAB, randomize_adapters, tiny_llama
 
 MODES = ("single", "ddp", "zero3")
 GLOBAL_BATCH = 4
 LENGTH = 16
-VOCAB = 128
 MODEL_SEED = 0
 B_SEED = 1
 DATA_SEED = 1234
@@ -71,26 +71,9 @@ LAYOUTS = [
 def build_model() -> torch.nn.Module:
     """A tiny random Llama with MokA on every projection, B re-initialised to small random values (B = 0
     would leave every A without gradient on the first step)."""
-    torch.manual_seed(MODEL_SEED)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(seed=MODEL_SEED)
     inject_adapters(model, AdapterConfig(method="moka", rank=4, alpha=16, modalities=["text", "visual", "audio"]))
-    generator = torch.Generator().manual_seed(B_SEED)
-    with torch.no_grad():
-        for name, parameter in adapter_named_parameters(model):
-            if ".lora_B." in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    randomize_adapters(model, seed=B_SEED, std=0.05)
     return model.train()
 
 
