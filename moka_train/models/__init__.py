@@ -1,0 +1,1 @@
+"""The multimodal model: frozen encoders, projectors, the backbone with adapters."""
