@@ -232,39 +232,38 @@ def test_relative_position_buckets_follow_the_official_formula() -> None:
 # (6) checkpoint errors ------------------------------------------------------------------------------
 
 
-def test_missing_key_raises_naming_file_and_key(tmp_path) -> None:
-    checkpoint = reference_state()
+def _drop_key(checkpoint: dict) -> None:
     del checkpoint["model"]["encoder.layers.1.fc2.bias"]
-    path = tmp_path / "missing.pt"
-    torch.save(checkpoint, path)
-    with pytest.raises(ValueError, match=r"missing\.pt.*missing \['encoder\.layers\.1\.fc2\.bias'\]"):
-        load_beats(path)
 
 
-def test_unexpected_key_raises_naming_file_and_key(tmp_path) -> None:
-    checkpoint = reference_state()
+def _add_key(checkpoint: dict) -> None:
     checkpoint["model"]["encoder.extra.weight"] = torch.zeros(1)
-    path = tmp_path / "extra.pt"
-    torch.save(checkpoint, path)
-    with pytest.raises(ValueError, match=r"extra\.pt.*unexpected \['encoder\.extra\.weight'\]"):
-        load_beats(path)
 
 
-def test_wrong_shape_raises_naming_file(tmp_path) -> None:
-    checkpoint = reference_state()
+def _reshape(checkpoint: dict) -> None:
     checkpoint["model"]["predictor.bias"] = torch.zeros(10)
-    path = tmp_path / "shape.pt"
-    torch.save(checkpoint, path)
-    with pytest.raises(ValueError, match=r"(?s)shape\.pt.*size mismatch for predictor\.bias"):
-        load_beats(path)
 
 
-def test_unknown_cfg_key_raises_naming_file_and_key(tmp_path) -> None:
-    checkpoint = reference_state()
+def _unknown_cfg(checkpoint: dict) -> None:
     checkpoint["cfg"]["rotary_embeddings"] = True
-    path = tmp_path / "cfg.pt"
+
+
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (_drop_key, r"missing \['encoder\.layers\.1\.fc2\.bias'\]"),
+        (_add_key, r"unexpected \['encoder\.extra\.weight'\]"),
+        (_reshape, r"(?s)size mismatch for predictor\.bias"),
+        (_unknown_cfg, r"unknown BEATs config keys \['rotary_embeddings'\]"),
+    ],
+    ids=["missing-key", "unexpected-key", "wrong-shape", "unknown-cfg-key"],
+)
+def test_bad_checkpoint_raises_naming_file_and_key(tmp_path, damage, match) -> None:
+    checkpoint = reference_state()
+    damage(checkpoint)
+    path = tmp_path / "damaged.pt"
     torch.save(checkpoint, path)
-    with pytest.raises(ValueError, match=r"cfg\.pt.*unknown BEATs config keys \['rotary_embeddings'\]"):
+    with pytest.raises(ValueError, match=r"(?s)damaged\.pt.*" + match):
         load_beats(path)
 
 
