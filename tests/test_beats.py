@@ -253,7 +253,7 @@ def _unknown_cfg(checkpoint: dict) -> None:
     [
         (_drop_key, r"missing \['encoder\.layers\.1\.fc2\.bias'\]"),
         (_add_key, r"unexpected \['encoder\.extra\.weight'\]"),
-        (_reshape, r"(?s)size mismatch for predictor\.bias"),
+        (_reshape, r"size mismatch for predictor\.bias"),
         (_unknown_cfg, r"unknown BEATs config keys \['rotary_embeddings'\]"),
     ],
     ids=["missing-key", "unexpected-key", "wrong-shape", "unknown-cfg-key"],
