@@ -101,6 +101,11 @@ def _find_handle(model: nn.Module) -> AdapterHandle | None:
     return None
 
 
+def carries_adapters(model: nn.Module) -> bool:
+    """Whether ``inject_adapters`` (or ``load_adapter``) has put adapters into ``model``."""
+    return _find_handle(model) is not None
+
+
 def adapter_handle(model: nn.Module) -> AdapterHandle:
     handle = _find_handle(model)
     if handle is None:

@@ -1,0 +1,197 @@
+"""The multimodal LLM: projector tokens spliced into the prompt of a frozen backbone that carries adapters.
+
+A batch (the collator's output, DESIGN.md's data contract) holds ``input_ids`` in which every media block
+is already expanded to its projector's token count with the modality's placeholder id (``<video>`` x 320),
+``attention_mask``, ``labels`` (-100 outside the response), ``modality_ids``, ``question_mask`` and, per
+modality, the encoder features of its segments in order of appearance (batch-major). The model
+
+1. embeds the text (frozen backbone matrix + trainable rows for the added special tokens),
+2. projects each modality's segments in one call and scatters the tokens onto its placeholder positions
+   (``masked_scatter``: no loop over samples),
+3. checks ``modality_ids`` / ``question_mask`` against the input and binds them with ``set_routing``,
+4. runs the backbone. The loss is summed over label tokens and divided by ``label_normalizer`` (the
+   global label count when the trainer passes it), so 1 and N processes agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moka_train.adapters import adapter_named_parameters, carries_adapters, set_routing
+from moka_train.modality import Modality
+from moka_train.models.added_tokens import AddedTokenEmbedding
+from moka_train.models.projector import QFormerProjector
+
+STAGES = ("pretrain", "instruct")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MultimodalOutput:
+    loss: Tensor | None
+    logits: Tensor
+    label_count: int
+
+
+class MultimodalLM(nn.Module):
+    """``llm`` (a causal LM, adapters already injected for stage 2), one projector per media modality,
+    and the ids of the added special tokens (``placeholder_ids[modality]`` marks where its tokens go)."""
+
+    def __init__(
+        self,
+        llm: nn.Module,
+        projectors: Mapping[str, QFormerProjector],
+        placeholder_ids: Mapping[str, int],
+        added_token_ids: list[int],
+    ) -> None:
+        super().__init__()
+        names = {Modality.parse(m).key for m in projectors}
+        if names != {Modality.parse(m).key for m in placeholder_ids}:
+            raise ValueError(
+                f"projectors {sorted(projectors)} and placeholder_ids {sorted(placeholder_ids)} must name the "
+                "same modalities"
+            )
+        if "text" in names:
+            raise ValueError("text has no projector; projectors are for media modalities")
+        missing = sorted(set(placeholder_ids.values()) - set(added_token_ids))
+        if missing:
+            raise ValueError(f"placeholder ids {missing} are not among the added token ids {added_token_ids}")
+        self.llm = llm
+        self.projectors = nn.ModuleDict({Modality.parse(m).key: p for m, p in projectors.items()})
+        self.placeholder_ids = {Modality.parse(m).key: int(i) for m, i in placeholder_ids.items()}
+        self.embed = AddedTokenEmbedding(llm.get_input_embeddings(), added_token_ids)
+        for name, projector in self.projectors.items():
+            width = projector.config.llm_hidden_size
+            if width != self.embed.embedding_dim:
+                raise ValueError(
+                    f"the {name} projector outputs width {width}, the LLM's hidden size is {self.embed.embedding_dim}"
+                )
+        adapter_ids = {id(p) for _, p in adapter_named_parameters(llm)}
+        for parameter in llm.parameters():
+            if id(parameter) not in adapter_ids:
+                parameter.requires_grad_(False)
+
+    # -- building the input -------------------------------------------------------------------------
+    def embed_inputs(self, batch: Mapping[str, Tensor | Mapping]) -> Tensor:
+        """Token embeddings with every placeholder position replaced by its projector token."""
+        input_ids = batch["input_ids"]
+        embeds = self.embed(input_ids)
+        features = batch.get("features", {})
+        unknown = sorted(set(features) - set(self.projectors))
+        if unknown:
+            raise ValueError(
+                f"batch has features for {unknown}, but the model has projectors for {sorted(self.projectors)}"
+            )
+        feature_masks = batch.get("feature_masks", {})
+        for name, projector in self.projectors.items():
+            positions = input_ids == self.placeholder_ids[name]
+            slots = int(positions.sum())
+            if name not in features:
+                if slots:
+                    raise ValueError(
+                        f"input_ids hold {slots} <{name}> placeholders but the batch has no {name} features"
+                    )
+                continue
+            tokens = projector(features[name], feature_masks.get(name))  # [segments, queries, hidden]
+            segments, per_segment = tokens.shape[:2]
+            if segments * per_segment != slots:
+                raise ValueError(
+                    f"{name}: {segments} segments x {per_segment} tokens = {segments * per_segment} projector "
+                    f"tokens, but input_ids hold {slots} <{name}> placeholders"
+                )
+            # masked_scatter fills the placeholder positions in row-major order: batch, then position, which
+            # is the order of the segments (batch-major, in order of appearance).
+            embeds = embeds.masked_scatter(
+                positions.unsqueeze(-1), tokens.to(embeds.dtype).reshape(-1, embeds.shape[-1])
+            )
+        return embeds
+
+    def check_routing(self, batch: Mapping[str, Tensor]) -> None:
+        """``modality_ids`` must mark the placeholder positions with their modality, pads with -1 and every
+        other token as text; the question span must lie on text."""
+        input_ids, modality_ids = batch["input_ids"], batch["modality_ids"]
+        if modality_ids.shape != input_ids.shape or batch["question_mask"].shape != input_ids.shape:
+            raise ValueError(
+                f"modality_ids {tuple(modality_ids.shape)} / question_mask {tuple(batch['question_mask'].shape)} must "
+                f"have the shape of input_ids {tuple(input_ids.shape)}"
+            )
+        expected = torch.full_like(modality_ids, int(Modality.TEXT))
+        for name, placeholder in self.placeholder_ids.items():
+            expected[input_ids == placeholder] = int(Modality.parse(name))
+        expected[batch["attention_mask"] == 0] = int(Modality.PAD)
+        wrong = modality_ids != expected
+        if bool(wrong.any()):
+            sample, position = (int(v) for v in wrong.nonzero()[0])
+            raise ValueError(
+                f"modality_ids disagree with input_ids at sample {sample}, position {position}: "
+                f"{int(modality_ids[sample, position])} given, {int(expected[sample, position])} expected "
+                "(placeholders carry their modality, pads -1, everything else text)"
+            )
+
+    # -- running ------------------------------------------------------------------------------------
+    def prepare(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Embeddings and position ids of the batch, with its routing bound."""
+        self.check_routing(batch)
+        if carries_adapters(self.llm):  # stage 1 may run before any adapter exists
+            set_routing(self.llm, batch["modality_ids"], batch["question_mask"])
+        attention_mask = batch["attention_mask"]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding keeps positions from 0
+        return self.embed_inputs(batch), position_ids
+
+    def forward(self, batch: Mapping[str, Tensor], label_normalizer: int | None = None) -> MultimodalOutput:
+        embeds, position_ids = self.prepare(batch)
+        logits = self.llm(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=position_ids
+        ).logits
+        labels = batch.get("labels")
+        if labels is None:
+            return MultimodalOutput(None, logits, 0)
+        targets = labels[:, 1:]
+        label_count = int((targets != IGNORE_INDEX).sum())
+        summed = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        normalizer = label_normalizer if label_normalizer is not None else max(label_count, 1)
+        return MultimodalOutput(summed / normalizer, logits, label_count)
+
+    @torch.no_grad()
+    def generate(self, batch: Mapping[str, Tensor], **generation_kwargs) -> Tensor:
+        """New token ids for each (left-padded) prompt: the MokA interaction runs at prefill, decoding is
+        cached. Settings are explicit: greedy unless ``do_sample=True`` is passed."""
+        embeds, _ = self.prepare(batch)
+        generation_kwargs.setdefault("do_sample", False)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **generation_kwargs)
+
+    # -- what trains --------------------------------------------------------------------------------
+    def set_stage(self, stage: str) -> None:
+        """``pretrain``: projectors and added-token rows train; ``instruct``: also the adapter. The backbone
+        (and any encoder) stays frozen."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.requires_grad_(False)
+        self.projectors.requires_grad_(True)
+        self.embed.weight.requires_grad_(True)
+        adapters = [p for _, p in adapter_named_parameters(self.llm)]
+        if stage == "instruct" and not adapters:
+            raise ValueError("stage 'instruct' trains the adapter, but the LLM carries none: inject_adapters first")
+        for parameter in adapters:
+            parameter.requires_grad_(stage == "instruct")
+
+    def parameter_report(self) -> dict[str, tuple[int, int]]:
+        """``{component: (trainable, total)}`` for projectors (per modality), added tokens, adapter and LLM."""
+        adapter_ids = {id(p) for _, p in adapter_named_parameters(self.llm)}
+        groups: dict[str, list[nn.Parameter]] = {
+            f"projector.{n}": list(p.parameters()) for n, p in self.projectors.items()
+        }
+        groups["added_tokens"] = [self.embed.weight]
+        groups["adapter"] = [p for _, p in adapter_named_parameters(self.llm)]
+        groups["llm"] = [p for p in self.llm.parameters() if id(p) not in adapter_ids]
+        return {
+            name: (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+            for name, params in groups.items()
+        }
