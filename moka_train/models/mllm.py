@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moka_train.adapters import adapter_named_parameters, carries_adapters, set_routing
+from moka_train.adapters.model import numel
 from moka_train.modality import Modality
 from moka_train.models.added_tokens import AddedTokenEmbedding
 from moka_train.models.projector import QFormerProjector
@@ -113,7 +114,7 @@ class MultimodalLM(nn.Module):
 
     def check_routing(self, batch: Mapping[str, Tensor]) -> None:
         """``modality_ids`` must mark the placeholder positions with their modality, pads with -1 and every
-        other token as text; the question span must lie on text."""
+        other token as text. (That the question span lies on text is checked by ``set_routing``.)"""
         input_ids, modality_ids = batch["input_ids"], batch["modality_ids"]
         if modality_ids.shape != input_ids.shape or batch["question_mask"].shape != input_ids.shape:
             raise ValueError(
@@ -184,14 +185,16 @@ class MultimodalLM(nn.Module):
 
     def parameter_report(self) -> dict[str, tuple[int, int]]:
         """``{component: (trainable, total)}`` for projectors (per modality), added tokens, adapter and LLM."""
-        adapter_ids = {id(p) for _, p in adapter_named_parameters(self.llm)}
+        adapter = [p for _, p in adapter_named_parameters(self.llm)]
+        adapter_ids = {id(p) for p in adapter}
         groups: dict[str, list[nn.Parameter]] = {
             f"projector.{n}": list(p.parameters()) for n, p in self.projectors.items()
         }
         groups["added_tokens"] = [self.embed.weight]
-        groups["adapter"] = [p for _, p in adapter_named_parameters(self.llm)]
+        groups["adapter"] = adapter
         groups["llm"] = [p for p in self.llm.parameters() if id(p) not in adapter_ids]
+        # numel() of a ZeRO-3 partitioned parameter is 0; the adapters' helper reads ds_numel then.
         return {
-            name: (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+            name: (sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params))
             for name, params in groups.items()
         }
