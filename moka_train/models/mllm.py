@@ -32,6 +32,15 @@ STAGES = ("pretrain", "instruct")
 IGNORE_INDEX = -100
 
 
+def zero3_partitioned(module: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions ``module``'s parameters (they carry a ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
 @dataclass
 class MultimodalOutput:
     loss: Tensor | None
@@ -166,6 +175,9 @@ class MultimodalLM(nn.Module):
         cached. Settings are explicit: greedy unless ``do_sample=True`` is passed."""
         embeds, _ = self.prepare(batch)
         generation_kwargs.setdefault("do_sample", False)
+        # Under ZeRO-3 every forward gathers parameters from all ranks, so a rank whose prompts finished
+        # early must keep stepping until all have finished, or the others hang in the gather.
+        generation_kwargs.setdefault("synced_gpus", zero3_partitioned(self) and _world_size() > 1)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **generation_kwargs)
 
     # -- what trains --------------------------------------------------------------------------------
