@@ -22,7 +22,7 @@ from moka_train.models.encoders.clip import (
     load_clip_encoder,
 )
 
-CONFIGS = Path(__file__).parents[1] / "configs" / "encoder"
+CONFIGS = Path(__file__).parents[1] / "configs" / "encoder" / "visual"
 NUM_BLOCKS = 3  # moka-tiny-vit: 32 px, 8 px patches -> 16 patch tokens of width 64
 
 

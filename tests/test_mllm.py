@@ -209,7 +209,7 @@ def test_bad_batches_are_named():
     with pytest.raises(ValueError, match="4 <audio> placeholders but the batch has no audio features"):
         model(missing)
     extra = dict(batch, features={**batch["features"], "speech": torch.zeros(1, 2, 3)})
-    with pytest.raises(ValueError, match=r"features for \['speech'\]"):
+    with pytest.raises(ValueError, match=r"features or media for \['speech'\]"):
         model(extra)
     with pytest.raises(ValueError, match="not among the added token ids"):
         MultimodalLM(tiny_llama(), {"visual": build().projectors["visual"]}, {"visual": 200}, [VIDEO])

@@ -132,7 +132,7 @@ def test_config_presets_instantiate(model, tmp_path):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    configs = Path(__file__).parents[1] / "configs" / "encoder"
+    configs = Path(__file__).parents[1] / "configs" / "encoder" / "speech"
     tiny = instantiate(OmegaConf.load(configs / "whisper_tiny_random.yaml"))
     assert isinstance(tiny, WhisperSpeechEncoder) and tiny.hidden_size == 32
     path = tmp_path / "model.pt"

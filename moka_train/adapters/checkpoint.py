@@ -8,11 +8,9 @@ directories load here.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from torch import Tensor, nn
 from moka_train.adapters.config import AdapterConfig
 from moka_train.adapters.model import _find_handle, adapter_handle, adapter_named_parameters, inject_adapters
 from moka_train.adapters.registry import get_method
+from moka_train.checkpoint_io import gathered, is_writer, write_atomic
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -44,39 +43,11 @@ _PEFT_UNSUPPORTED = {
 }
 
 
-def _gathered(parameters: Iterable[nn.Parameter], modifier_rank: int | None = None):
-    """Gather ZeRO-3 partitioned parameters for the block (a no-op for ordinary ones)."""
-    parameters = list(parameters)
-    if any(hasattr(p, "ds_id") for p in parameters):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
-    return contextlib.nullcontext()
-
-
-def _is_writer() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter weights on the CPU, gathered first under ZeRO-3 (call it on every rank there)."""
     named = list(adapter_named_parameters(model))
-    with _gathered(p for _, p in named):
+    with gathered(p for _, p in named):
         return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in named}
-
-
-def _write_atomic(path: Path, write) -> None:
-    # Write beside the target and rename, so a kill mid-save never leaves a truncated file behind.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
@@ -85,7 +56,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     config = handle.config
     weights = adapter_state_dict(model)
     directory = Path(directory)
-    if not _is_writer():
+    if not is_writer():
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     if base_model_name_or_path is None:
@@ -95,9 +66,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         config_dict = _peft_config_dict(config, base_model_name_or_path)
     else:
         config_dict = {"library": "moka_train", **config.to_dict(), "base_model_name_or_path": base_model_name_or_path}
-    _write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+    write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
     text = json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
-    _write_atomic(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    write_atomic(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return directory
 
 
@@ -155,7 +126,7 @@ def load_adapter_weights(model: nn.Module, weights: dict[str, Tensor], source: s
             f"{source} does not match the model's adapter: {len(missing)} missing keys {missing[:3]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:3]}"
         )
-    with _gathered(expected.values(), modifier_rank=0), torch.no_grad():
+    with gathered(expected.values(), modifier_rank=0), torch.no_grad():
         for name, parameter in expected.items():
             tensor = weights[name]
             if tuple(tensor.shape) != tuple(parameter.shape):

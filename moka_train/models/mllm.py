@@ -15,7 +15,7 @@ modality, the encoder features of its segments in order of appearance (batch-maj
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +26,7 @@ from moka_train.adapters import adapter_named_parameters, carries_adapters, set_
 from moka_train.adapters.model import numel
 from moka_train.modality import Modality
 from moka_train.models.added_tokens import AddedTokenEmbedding
+from moka_train.models.encoders import SegmentEncoder
 from moka_train.models.projector import QFormerProjector
 
 STAGES = ("pretrain", "instruct")
@@ -56,8 +57,9 @@ class MultimodalLM(nn.Module):
         self,
         llm: nn.Module,
         projectors: Mapping[str, QFormerProjector],
-        placeholder_ids: Mapping[str, int],
-        added_token_ids: list[int],
+        placeholder_ids: Mapping[str, int | Sequence[int]],
+        added_token_ids: Sequence[int],
+        encoders: Mapping[str, SegmentEncoder] | None = None,
     ) -> None:
         super().__init__()
         names = {Modality.parse(m).key for m in projectors}
@@ -68,12 +70,23 @@ class MultimodalLM(nn.Module):
             )
         if "text" in names:
             raise ValueError("text has no projector; projectors are for media modalities")
-        missing = sorted(set(placeholder_ids.values()) - set(added_token_ids))
+        # modality -> its placeholder ids (images and video frames both fill the visual projector's slots)
+        self.placeholder_ids = {
+            Modality.parse(m).key: [int(i)] if isinstance(i, int) else [int(v) for v in i]
+            for m, i in placeholder_ids.items()
+        }
+        every_placeholder = [i for ids in self.placeholder_ids.values() for i in ids]
+        if len(set(every_placeholder)) != len(every_placeholder):
+            raise ValueError(f"a placeholder id serves two modalities: {self.placeholder_ids}")
+        missing = sorted(set(every_placeholder) - {int(i) for i in added_token_ids})
         if missing:
-            raise ValueError(f"placeholder ids {missing} are not among the added token ids {added_token_ids}")
+            raise ValueError(f"placeholder ids {missing} are not among the added token ids {list(added_token_ids)}")
+        encoders = {Modality.parse(m).key: e for m, e in (encoders or {}).items()}
+        if not set(encoders) <= names:
+            raise ValueError(f"encoders {sorted(encoders)} have no projector (projectors: {sorted(names)})")
         self.llm = llm
         self.projectors = nn.ModuleDict({Modality.parse(m).key: p for m, p in projectors.items()})
-        self.placeholder_ids = {Modality.parse(m).key: int(i) for m, i in placeholder_ids.items()}
+        self.encoders = nn.ModuleDict(encoders)
         self.embed = AddedTokenEmbedding(llm.get_input_embeddings(), added_token_ids)
         for name, projector in self.projectors.items():
             width = projector.config.llm_hidden_size
@@ -81,33 +94,66 @@ class MultimodalLM(nn.Module):
                 raise ValueError(
                     f"the {name} projector outputs width {width}, the LLM's hidden size is {self.embed.embedding_dim}"
                 )
+            if name in self.encoders and self.encoders[name].hidden_size != projector.config.encoder_width:
+                raise ValueError(
+                    f"the {name} encoder outputs width {self.encoders[name].hidden_size}, its projector expects "
+                    f"encoder_width {projector.config.encoder_width}"
+                )
+        for kind, modules in (("projector", self.projectors), ("encoder", self.encoders)):
+            for name, module in modules.items():
+                if carries_adapters(module):
+                    raise ValueError(
+                        f"the {name} {kind} carries adapters: inject them into the LLM only, before building the model"
+                    )
+        self.encoders.requires_grad_(False)
         adapter_ids = {id(p) for _, p in adapter_named_parameters(llm)}
         for parameter in llm.parameters():
             if id(parameter) not in adapter_ids:
                 parameter.requires_grad_(False)
 
     # -- building the input -------------------------------------------------------------------------
+    def placeholder_positions(self, input_ids: Tensor, modality: str) -> Tensor:
+        ids = torch.tensor(self.placeholder_ids[modality], device=input_ids.device)
+        return torch.isin(input_ids, ids)
+
+    def encoder_features(self, batch: Mapping[str, Tensor | Mapping], modality: str) -> tuple[Tensor, Tensor | None]:
+        """The segments' encoder features and mask (True = real): cached in the batch, or encoded here from
+        the raw media (frozen encoder, no gradients)."""
+        if modality in batch.get("features", {}):
+            return batch["features"][modality], batch.get("feature_masks", {}).get(modality)
+        if modality not in self.encoders:
+            raise ValueError(
+                f"the batch has raw {modality} media but the model has no {modality} encoder (it was built for "
+                "cached features)"
+            )
+        with torch.no_grad():
+            return self.encoders[modality].encode_segments(
+                batch["media"][modality], batch.get("media_lengths", {}).get(modality)
+            )
+
     def embed_inputs(self, batch: Mapping[str, Tensor | Mapping]) -> Tensor:
         """Token embeddings with every placeholder position replaced by its projector token."""
         input_ids = batch["input_ids"]
         embeds = self.embed(input_ids)
-        features = batch.get("features", {})
-        unknown = sorted(set(features) - set(self.projectors))
+        features, media = batch.get("features", {}), batch.get("media", {})
+        unknown = sorted((set(features) | set(media)) - set(self.projectors))
         if unknown:
             raise ValueError(
-                f"batch has features for {unknown}, but the model has projectors for {sorted(self.projectors)}"
+                f"batch has features or media for {unknown}, but the model has projectors for {sorted(self.projectors)}"
             )
-        feature_masks = batch.get("feature_masks", {})
+        both = sorted(set(features) & set(media))
+        if both:
+            raise ValueError(f"batch has both cached features and raw media for {both}; give one")
         for name, projector in self.projectors.items():
-            positions = input_ids == self.placeholder_ids[name]
+            positions = self.placeholder_positions(input_ids, name)
             slots = int(positions.sum())
-            if name not in features:
+            if name not in features and name not in media:
                 if slots:
                     raise ValueError(
-                        f"input_ids hold {slots} <{name}> placeholders but the batch has no {name} features"
+                        f"input_ids hold {slots} <{name}> placeholders but the batch has no {name} features or media"
                     )
                 continue
-            tokens = projector(features[name], feature_masks.get(name))  # [segments, queries, hidden]
+            tokens = projector(*self.encoder_features(batch, name))  # [segments, queries, hidden]
             segments, per_segment = tokens.shape[:2]
             if segments * per_segment != slots:
                 raise ValueError(
@@ -131,8 +177,8 @@ class MultimodalLM(nn.Module):
                 f"have the shape of input_ids {tuple(input_ids.shape)}"
             )
         expected = torch.full_like(modality_ids, int(Modality.TEXT))
-        for name, placeholder in self.placeholder_ids.items():
-            expected[input_ids == placeholder] = int(Modality.parse(name))
+        for name in self.placeholder_ids:
+            expected[self.placeholder_positions(input_ids, name)] = int(Modality.parse(name))
         expected[batch["attention_mask"] == 0] = int(Modality.PAD)
         wrong = modality_ids != expected
         if bool(wrong.any()):
@@ -196,12 +242,14 @@ class MultimodalLM(nn.Module):
             parameter.requires_grad_(stage == "instruct")
 
     def parameter_report(self) -> dict[str, tuple[int, int]]:
-        """``{component: (trainable, total)}`` for projectors (per modality), added tokens, adapter and LLM."""
+        """``{component: (trainable, total)}`` for projectors and encoders (per modality), added tokens,
+        adapter and LLM."""
         adapter = [p for _, p in adapter_named_parameters(self.llm)]
         adapter_ids = {id(p) for p in adapter}
         groups: dict[str, list[nn.Parameter]] = {
             f"projector.{n}": list(p.parameters()) for n, p in self.projectors.items()
         }
+        groups.update({f"encoder.{n}": list(e.parameters()) for n, e in self.encoders.items()})
         groups["added_tokens"] = [self.embed.weight]
         groups["adapter"] = adapter
         groups["llm"] = [p for p in self.llm.parameters() if id(p) not in adapter_ids]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -411,7 +411,7 @@ class BEATs(nn.Module):
         self.encoder = TransformerEncoder(cfg)
         self.predictor = nn.Linear(cfg.encoder_embed_dim, cfg.predictor_class) if cfg.finetuned_model else None
         self.requires_grad_(False)
-        self.eval()
+        super().train(False)
 
     def _check_mask(self, padding_mask: Tensor | None, shape: tuple[int, ...], what: str) -> None:
         if padding_mask is None:
@@ -467,6 +467,26 @@ class BEATs(nn.Module):
         N = 8 tokens per 16 fbank frames, and the token padding mask [B, N] (None if none was given)."""
         return self._encode(*self._fbank(waveforms, padding_mask))
 
+    @torch.no_grad()
+    def encode_segments(self, media: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The multimodal model's entry point: features [S, N, D] of audio segments [S, T] at 16 kHz, whose
+        real lengths in samples are ``lengths`` [S] (None: all T), and a mask [S, N] True at real tokens
+        (None when nothing is padded)."""
+        padding_mask = None
+        if lengths is not None:
+            if media.dim() != 2 or lengths.shape != media.shape[:1]:
+                raise ValueError(
+                    f"lengths {tuple(lengths.shape)} must be [S] for waveforms [S, T], got {tuple(media.shape)}"
+                )
+            samples = torch.arange(media.shape[1], device=media.device)
+            padding_mask = samples >= lengths.to(media.device).unsqueeze(1)
+        features, padding_mask = self.extract_features(media, padding_mask)
+        return features, None if padding_mask is None else ~padding_mask
+
+    def train(self, mode: bool = True) -> BEATs:
+        """Stay in eval mode (no dropout): the encoder is frozen, whatever the model around it does."""
+        return super().train(False)
+
     def _predictor(self) -> nn.Linear:
         if self.predictor is None:
             raise RuntimeError(
@@ -492,14 +512,14 @@ class BEATs(nn.Module):
         return self.probabilities_from_features(*self.extract_features(waveforms, padding_mask))
 
 
-def build_beats(cfg: BEATsConfig | dict[str, Any], seed: int | None = None) -> BEATs:
+def build_beats(cfg: BEATsConfig | Mapping[str, Any], seed: int | None = None) -> BEATs:
     """A randomly initialised, frozen BEATs (tests, demos); ``seed`` makes the weights reproducible.
 
     PyTorch's default initialisation (the positional convolution's is the official one): these weights
     are for exercising the code, not the official pre-training initialisation.
     """
-    if isinstance(cfg, dict):
-        cfg = BEATsConfig.from_dict(cfg)
+    if not isinstance(cfg, BEATsConfig):
+        cfg = BEATsConfig.from_dict(dict(cfg))
     if seed is not None:
         torch.manual_seed(seed)
     return BEATs(cfg)

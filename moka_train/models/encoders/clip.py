@@ -127,6 +127,13 @@ class ClipVisualEncoder(nn.Module):
         tokens = out["image_intermediates"][0]
         return tokens.reshape(*leading, *tokens.shape[1:])
 
+    def encode_segments(self, media: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, None]:
+        """The multimodal model's entry point: patch tokens [S, N, D] of S preprocessed images or frames
+        [S, 3, H, W]; every token is real, so no mask."""
+        if lengths is not None:
+            raise ValueError("images and video frames have no lengths; pass lengths only for audio and speech")
+        return self(media), None
+
     def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> Tensor:
         """open_clip's inference preprocessing (resize, centre crop, RGB, normalise): ``[N, 3, H, W]`` float32.
 

@@ -45,7 +45,16 @@ class WhisperSpeechEncoder(nn.Module):
         self.output_layer = output_layer
         self.hidden_size = encoder.ln_post.normalized_shape[0]
         self.requires_grad_(False)
-        self.eval()
+        super().train(False)
+
+    def train(self, mode: bool = True) -> WhisperSpeechEncoder:
+        """Stay in eval mode: the encoder is frozen, whatever the model around it does."""
+        return super().train(False)
+
+    def encode_segments(self, media: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The multimodal model's entry point: one speech clip per segment, ``media`` [S, T] at 16 kHz with
+        ``lengths`` [S] in samples (None: all T); features [S, N, D] and a mask True at real tokens."""
+        return self(media, lengths)
 
     @property
     def tokens_per_window(self) -> int:

@@ -1,0 +1,41 @@
+"""What every checkpoint writer needs: atomic files, one writing rank, ZeRO-3 parameters gathered."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def gathered(parameters: Iterable[nn.Parameter], modifier_rank: int | None = None):
+    """Gather ZeRO-3 partitioned parameters for the block (a no-op for ordinary ones)."""
+    parameters = list(parameters)
+    if any(hasattr(p, "ds_id") for p in parameters):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
+
+
+def is_writer() -> bool:
+    """Rank 0 of a process group, or a single process: the one that writes files."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def write_atomic(path: Path, write: Callable[[str], object]) -> None:
+    """``write(tmp_path)`` beside ``path``, then rename: a kill mid-save never leaves a truncated file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
