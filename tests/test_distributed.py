@@ -5,6 +5,12 @@ global batches of 4 samples. One rank's shard never holds audio and some steps h
 an adapter parameter that left the graph would make DDP raise or ZeRO-3 hang. The loss is normalised by
 the global label count, so the per-step losses and the final adapter weights of every mode must agree
 with the single-process run up to fp32 summation order.
+
+``tests/distributed/generate_steps.py`` generates greedily with a tiny MokA ``MultimodalLM`` under ZeRO-3
+inference, each rank with its own prompts, rank 0's ending after 1-2 tokens and rank 1's after 6. Every
+forward gathers the partitioned parameters from both ranks, so rank 0 must keep stepping until rank 1 is
+done: ``MultimodalLM.generate`` turns ``synced_gpus`` on by default for a partitioned model. With it the ids
+equal a single-process run; with ``synced_gpus=False`` rank 1 hangs in the gather.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed" / "train_steps.py"
+GENERATE_WORKER = ROOT / "tests" / "distributed" / "generate_steps.py"
 WORLD_SIZE = 2
 TIMEOUT_S = 180
 LOSS_RTOL = 1e-4
@@ -75,23 +82,46 @@ def _train(mode: str, out_dir: Path, *extra: str, timeout: float = TIMEOUT_S) ->
     if mode == "single":
         command = [sys.executable, str(WORKER), mode, str(out_dir), *extra]
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(WORLD_SIZE),
-            str(WORKER),
-            mode,
-            str(out_dir),
-            *extra,
-        ]
+        command = _torchrun(WORKER, mode, str(out_dir), *extra)
     returncode, output = _run(command, timeout)
     record_path = out_dir / "losses.json"
     if returncode != 0 or not record_path.is_file():
         raise AssertionError(_describe(command, returncode, output))
     return json.loads(record_path.read_text()), output
+
+
+def _torchrun(worker: Path, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(WORLD_SIZE),
+        str(worker),
+        *args,
+    ]
+
+
+def _generate(mode: str, out_dir: Path) -> tuple[int, str, dict[int, dict]]:
+    """Run the generate worker in ``mode``; return its exit code, output and the records the ranks wrote.
+    (A stuck rank ends itself: its watchdog writes its stack to ``rank{r}_stuck.txt`` and exits 1.)"""
+    if mode == "single":
+        command = [sys.executable, str(GENERATE_WORKER), mode, str(out_dir)]
+    else:
+        command = _torchrun(GENERATE_WORKER, mode, str(out_dir))
+    returncode, output = _run(command)
+    records = {
+        rank: json.loads(path.read_text())
+        for rank in range(WORLD_SIZE)
+        if (path := out_dir / f"rank{rank}.json").is_file()
+    }
+    stuck = "".join(
+        f"\n--- {path.name} ---\n{path.read_text()}"
+        for path in sorted(out_dir.glob("rank*_stuck.txt"))
+        if path.stat().st_size
+    )
+    return returncode, _describe(command, returncode, output + stuck), records
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -160,3 +190,49 @@ def test_zero3_matches_single_process(reference: tuple[dict, Path], tmp_path: Pa
     pytest.importorskip("deepspeed")
     record, _ = _train("zero3", tmp_path)
     _assert_matches_reference(record, tmp_path, reference)
+
+
+@pytest.fixture(scope="module")
+def generate_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    """Both ranks' prompts generated in one process, without DeepSpeed."""
+    returncode, description, records = _generate("single", tmp_path_factory.mktemp("generate_single"))
+    assert returncode == 0 and len(records) == WORLD_SIZE, description
+    return records
+
+
+def test_generate_reference_stops_rank0_early(generate_reference: dict[int, dict]) -> None:
+    """The setup the ZeRO-3 runs depend on: rank 0's prompts finish after 1 and 2 tokens (the finished row
+    padded), rank 1's run the full length."""
+    first, second = generate_reference[0], generate_reference[1]
+    (eos_a, eos_b), pad, new_tokens = first["eos"], first["pad"], first["max_new_tokens"]
+    assert first["ids"][0] == [eos_a, pad] and first["ids"][1][1] == eos_b, first
+    assert first["ids"][1][0] not in (eos_a, eos_b)
+    assert first["forwards"] == 2
+    assert [len(row) for row in second["ids"]] == [new_tokens] * 2 and second["forwards"] == new_tokens, second
+
+
+def test_zero3_generate_matches_single_process(generate_reference: dict[int, dict], tmp_path: Path) -> None:
+    """ZeRO-3 (every parameter partitioned, no optimizer) with ``MultimodalLM.generate``'s default: each
+    rank's ids equal the single-process ones, and rank 0 kept running forwards after its EOS until rank 1
+    was done. transformers alone would not have synced: it only checks for ``HfDeepSpeedConfig``."""
+    pytest.importorskip("deepspeed")
+    returncode, description, records = _generate("zero3", tmp_path)
+    assert returncode == 0 and len(records) == WORLD_SIZE, description
+    new_tokens = generate_reference[1]["max_new_tokens"]
+    for rank, record in records.items():
+        assert record["partitioned"] and not record["transformers_zero3_default"], record
+        assert record["ids"] == generate_reference[rank]["ids"], (
+            f"rank {rank}: ZeRO-3 generated {record['ids']}, single-process {generate_reference[rank]['ids']}"
+        )
+        assert record["forwards"] == new_tokens, f"rank {rank} ran {record['forwards']} forwards"
+
+
+def test_zero3_generate_without_sync_hangs(generate_reference: dict[int, dict], tmp_path: Path) -> None:
+    """The same with ``synced_gpus=False``: rank 0 finishes (with the right ids) and stops running forwards,
+    and rank 1 waits in ZeRO-3's parameter gather until its watchdog ends it."""
+    pytest.importorskip("deepspeed")
+    returncode, description, records = _generate("nosync", tmp_path)
+    assert returncode != 0 and sorted(records) == [0], description
+    assert records[0]["ids"] == generate_reference[0]["ids"] and records[0]["forwards"] == 2, records[0]
+    stack = (tmp_path / "rank1_stuck.txt").read_text()
+    assert "fetch_sub_module" in stack and "in generate" in stack, description
