@@ -33,14 +33,20 @@ def preset(path: str):
     return OmegaConf.load(CONFIGS / f"{path}.yaml")
 
 
-def build(adapter: str | None = "moka", seed: int = 0, model: str = "tiny_llama", stage: str | None = None):
+def build(
+    adapter: str | None = "moka",
+    seed: int = 0,
+    model: str = "tiny_llama",
+    stage: str | None = None,
+    dtype: str = "fp32",
+):
     model_cfg = preset(f"model/{model}")
     tokenizer = instantiate(model_cfg.tokenizer)
     adapter_cfg = None
     if adapter:
         adapter_cfg = instantiate(preset(f"adapter/{adapter}"), modalities=["text", "visual", "audio", "speech"])
     mllm = build_multimodal_lm(
-        backbone=instantiate(model_cfg.backbone),
+        backbone=instantiate(model_cfg.backbone, dtype=dtype),
         tokenizer=tokenizer,
         encoders={m: instantiate(preset(f"encoder/{p}")) for m, p in ENCODERS.items()},
         projector=preset("projector/qformer_tiny"),
@@ -167,6 +173,18 @@ def test_training_step_reaches_projectors_tokens_and_adapter_only():
     assert {k for k in report if k.startswith("encoder.")} == {"encoder.visual", "encoder.audio", "encoder.speech"}
     assert all(report[f"encoder.{m}"][0] == 0 < report[f"encoder.{m}"][1] for m in ENCODERS)
     assert report["adapter"][0] == report["adapter"][1] > 0
+
+
+def test_bf16_backbone_with_fp32_trainables():
+    """The paper's stage 2: a bf16 backbone, fp32 projectors, added rows and adapters (as peft keeps them)."""
+    model, tokenizer = build(stage="instruct", dtype="bf16", model="tiny_qwen2")
+    assert model.llm.model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    batch = with_routing(model, prompt_batch(tokenizer))
+    out = model(dict(batch, media=media()))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.logits.dtype == torch.bfloat16
+    assert model.projectors["visual"].queries.grad is not None and model.embed.weight.grad is not None
 
 
 def test_adapters_live_in_the_llm_only(built):
