@@ -148,8 +148,12 @@ class OfficialMasks:
         self.masks: list[Tensor] | None = None
 
     def bind(self, modality_ids: Tensor, question_mask: Tensor) -> None:
-        kinds = [modality_ids == int(Modality.TEXT), modality_ids == int(Modality.VISUAL),
-                 modality_ids == int(Modality.AUDIO), question_mask]
+        kinds = [
+            modality_ids == int(Modality.TEXT),
+            modality_ids == int(Modality.VISUAL),
+            modality_ids == int(Modality.AUDIO),
+            question_mask,
+        ]
         self.masks = [kind.to(torch.int32).unsqueeze(-1) for kind in kinds]
 
 
@@ -165,8 +169,15 @@ class OfficialLoopMoka(nn.Module):
     and in peft, so the comparison is about the computation only.
     """
 
-    def __init__(self, base_layer: nn.Linear, masks: OfficialMasks, rank: int = RANK, alpha: float = ALPHA,
-                 dropout: float = DROPOUT, blc_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        masks: OfficialMasks,
+        rank: int = RANK,
+        alpha: float = ALPHA,
+        dropout: float = DROPOUT,
+        blc_weight: float = 1.0,
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.masks = masks
@@ -208,8 +219,9 @@ class OfficialLoopMoka(nn.Module):
         return result + delta.to(result.dtype)
 
 
-def inject_official_loop(model: nn.Module, target_modules: list[str], masks: OfficialMasks,
-                         dropout: float = DROPOUT) -> nn.Module:
+def inject_official_loop(
+    model: nn.Module, target_modules: list[str], masks: OfficialMasks, dropout: float = DROPOUT
+) -> nn.Module:
     """Wrap the named ``nn.Linear``-s of ``model`` in ``OfficialLoopMoka`` and freeze everything else."""
     for name, module in list(model.named_modules()):
         parent_name, _, leaf = name.rpartition(".")
@@ -236,13 +248,20 @@ class _OneLinear(nn.Module):
 
 def official_settings_config(dropout: float = 0.0) -> AdapterConfig:
     """Our ``moka`` configured as the official audio-visual code: s before the attention, lambda 1, 1/sqrt(r)."""
-    return AdapterConfig(method="moka", rank=RANK, alpha=ALPHA, dropout=dropout, target_modules=["proj"],
-                         modalities=["text", "visual", "audio"], cross_attn_lambda=1.0, attn_scale="rank",
-                         scaling_position="before_attention")
+    return AdapterConfig(
+        method="moka",
+        rank=RANK,
+        alpha=ALPHA,
+        dropout=dropout,
+        target_modules=["proj"],
+        modalities=["text", "visual", "audio"],
+        cross_attn_lambda=1.0,
+        attn_scale="rank",
+        scaling_position="before_attention",
+    )
 
 
-def check_official_loop_matches_moka(device: torch.device | str = "cpu", seed: int = 0,
-                                     atol: float = 1e-5) -> float:
+def check_official_loop_matches_moka(device: torch.device | str = "cpu", seed: int = 0, atol: float = 1e-5) -> float:
     """Run ``OfficialLoopMoka`` and our ``moka`` (official settings) on the same random weights (B non-zero)
     and a ragged batch with padding; raise if outputs or gradients differ by more than ``atol`` (fp32),
     relative to each tensor's largest magnitude when that exceeds 1. Returns the largest difference seen."""
@@ -437,8 +456,9 @@ def _peft_lora(model: nn.Module, targets: list[str]) -> nn.Module:
         return get_peft_model(model, config)
 
 
-def adapt(method: str, base: nn.Module, targets: list[str], routing: tuple[Tensor, Tensor]) -> tuple[
-        nn.Module, Callable[[], None]]:
+def adapt(
+    method: str, base: nn.Module, targets: list[str], routing: tuple[Tensor, Tensor]
+) -> tuple[nn.Module, Callable[[], None]]:
     """A fresh copy of ``base`` carrying ``method``, and the call that binds the batch's routing to it."""
     model = copy.deepcopy(base)
     if method == "base":
@@ -451,8 +471,14 @@ def adapt(method: str, base: nn.Module, targets: list[str], routing: tuple[Tenso
         masks = OfficialMasks()
         model = inject_official_loop(model, targets, masks)
         return model, lambda: masks.bind(*routing)
-    config = AdapterConfig(method=method, rank=RANK, alpha=ALPHA, dropout=DROPOUT, target_modules=targets,
-                           modalities=["text", "visual", "audio"])
+    config = AdapterConfig(
+        method=method,
+        rank=RANK,
+        alpha=ALPHA,
+        dropout=DROPOUT,
+        target_modules=targets,
+        modalities=["text", "visual", "audio"],
+    )
     model = inject_adapters(model, config)
     return model, lambda: set_routing(model, *routing)
 
@@ -473,8 +499,10 @@ def linear_workloads(settings: Settings) -> tuple[str, Callable[[str], Workload]
         bind()
         return Workload(model, lambda: model(x), [x])
 
-    description = (f"one linear, k = d = {width}, batch {layout.batch} x {layout.tokens} tokens "
-                   f"({layout.visual} visual, {layout.audio} audio, {layout.question} question), r = {RANK}")
+    description = (
+        f"one linear, k = d = {width}, batch {layout.batch} x {layout.tokens} tokens "
+        f"({layout.visual} visual, {layout.audio} audio, {layout.question} question), r = {RANK}"
+    )
     return description, build, grad_out
 
 
@@ -484,10 +512,16 @@ def stack_workloads(settings: Settings) -> tuple[str, Callable[[str], Workload],
     from transformers import LlamaConfig, LlamaModel
 
     size, layout, device, dtype = settings.stack, settings.layout, settings.device, settings.dtype
-    config = LlamaConfig(vocab_size=32, hidden_size=size.hidden, intermediate_size=size.intermediate,
-                         num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                         num_key_value_heads=size.heads, max_position_embeddings=layout.tokens,
-                         attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=layout.tokens,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     base = LlamaModel(config).to(device=device, dtype=dtype)
     routing = layout.routing(device)
@@ -504,8 +538,10 @@ def stack_workloads(settings: Settings) -> tuple[str, Callable[[str], Workload],
 
         return Workload(model, step, [embeds])
 
-    description = (f"{size.layers} LlamaDecoderLayer-s, hidden {size.hidden}, intermediate {size.intermediate}, "
-                   f"{size.heads} heads, q/k/v/o/gate/up/down adapted, batch {layout.batch} x {layout.tokens} tokens")
+    description = (
+        f"{size.layers} LlamaDecoderLayer-s, hidden {size.hidden}, intermediate {size.intermediate}, "
+        f"{size.heads} heads, q/k/v/o/gate/up/down adapted, batch {layout.batch} x {layout.tokens} tokens"
+    )
     return description, build, grad_out
 
 
@@ -537,8 +573,12 @@ def machine_info(device: torch.device) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info: dict[str, Any] = {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                            "python": platform.python_version()}
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -547,8 +587,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 def memory_measure(device: torch.device) -> str:
     if device.type == "cuda":
         return "peak torch.cuda.max_memory_allocated over one forward+backward, less the memory allocated before it"
-    return ("bytes of tensors saved for backward (saved_tensors_hooks; each storage once; "
-            "parameters and buffers excluded)")
+    return (
+        "bytes of tensors saved for backward (saved_tensors_hooks; each storage once; parameters and buffers excluded)"
+    )
 
 
 def _ratio(value: float) -> str:
@@ -563,8 +604,10 @@ def format_table(result: CaseResult, gpu: bool) -> str:
     ]
     for row in result.rows:
         value = row.peak_bytes if gpu else row.saved_bytes
-        lines.append(f"| {row.method} | {row.time_ms:.1f} | {_ratio(row.ratio_base)} | {_ratio(row.ratio_peft)} "
-                     f"| {value / 2**20:.1f} | {_ratio(row.memory_ratio_peft)} |")
+        lines.append(
+            f"| {row.method} | {row.time_ms:.1f} | {_ratio(row.ratio_base)} | {_ratio(row.ratio_peft)} "
+            f"| {value / 2**20:.1f} | {_ratio(row.memory_ratio_peft)} |"
+        )
     return "\n".join(lines)
 
 
@@ -604,22 +647,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": str(settings.device),
         "dtype": args.dtype,
         "memory_measure": memory_measure(settings.device),
-        "settings": {"quick": args.quick, "warmup": settings.warmup, "linear_repeats": settings.linear_repeats,
-                     "stack_repeats": settings.stack_repeats, "rank": RANK, "alpha": ALPHA, "dropout": DROPOUT,
-                     "layout": asdict(settings.layout), "linear_width": settings.linear_width,
-                     "stack": asdict(settings.stack)},
+        "settings": {
+            "quick": args.quick,
+            "warmup": settings.warmup,
+            "linear_repeats": settings.linear_repeats,
+            "stack_repeats": settings.stack_repeats,
+            "rank": RANK,
+            "alpha": ALPHA,
+            "dropout": DROPOUT,
+            "layout": asdict(settings.layout),
+            "linear_width": settings.linear_width,
+            "stack": asdict(settings.stack),
+        },
         "official_loop_max_abs_diff": worst,
         "cases": {r.case: {"description": r.description, "rows": [asdict(row) for row in r.rows]} for r in results},
         "wall_s": time.perf_counter() - started,
     }
 
     machine = report["machine"]
-    print(f"machine: {machine['cpu']}" + (f", GPU {machine['gpu']}" if gpu else "")
-          + f"; torch {machine['torch']}; {machine['threads']} threads; device {settings.device}, {args.dtype}")
+    print(
+        f"machine: {machine['cpu']}"
+        + (f", GPU {machine['gpu']}" if gpu else "")
+        + f"; torch {machine['torch']}; {machine['threads']} threads; device {settings.device}, {args.dtype}"
+    )
     print(f"memory: {report['memory_measure']}")
-    print(f"time: median of {settings.linear_repeats} (linear) / {settings.stack_repeats} (stack) forward+backward "
-          f"steps after {settings.warmup} warm-up; r = {RANK}, alpha = {ALPHA:g}, dropout {DROPOUT} "
-          "(our methods at library defaults)")
+    print(
+        f"time: median of {settings.linear_repeats} (linear) / {settings.stack_repeats} (stack) forward+backward "
+        f"steps after {settings.warmup} warm-up; r = {RANK}, alpha = {ALPHA:g}, dropout {DROPOUT} "
+        "(our methods at library defaults)"
+    )
     for result in results:
         print(f"\n### {result.case}: {result.description}\n")
         print(format_table(result, gpu))
