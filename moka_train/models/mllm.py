@@ -3,7 +3,8 @@
 A batch (the collator's output, DESIGN.md's data contract) holds ``input_ids`` in which every media block
 is already expanded to its projector's token count with the modality's placeholder id (``<video>`` x 320),
 ``attention_mask``, ``labels`` (-100 outside the response), ``modality_ids``, ``question_mask`` and, per
-modality, the encoder features of its segments in order of appearance (batch-major). The model
+modality, its segments in order of appearance (batch-major): raw media (``media`` / ``media_lengths``, run
+through the frozen encoder here) or cached encoder features (``features`` / ``feature_masks``). The model
 
 1. embeds the text (frozen backbone matrix + trainable rows for the added special tokens),
 2. projects each modality's segments in one call and scatters the tokens onto its placeholder positions
