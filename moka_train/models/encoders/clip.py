@@ -161,12 +161,16 @@ def build_clip_encoder(
     force_quick_gelu: bool = False,
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
+    seed: int | None = None,
 ) -> ClipVisualEncoder:
     """A randomly initialised encoder of a registered open_clip config (tests, the demo).
 
     Random weights are only ever built on purpose: ``load_clip_encoder`` requires a checkpoint.
-    ``image_mean``/``image_std`` default to open_clip's (OpenAI's constants).
+    ``image_mean``/``image_std`` default to open_clip's (OpenAI's constants). ``seed`` makes the weights
+    reproducible, so features cached by one process match the encoder another process builds.
     """
+    if seed is not None:
+        torch.manual_seed(seed)
     # Only registered names: open_clip resolves "hf-hub:" / "local-dir:" names by reading the hub or a folder.
     if model_name not in open_clip.list_models():
         raise ValueError(

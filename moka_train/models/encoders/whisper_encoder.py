@@ -133,8 +133,13 @@ def _as_clips(waveforms: Sequence[Tensor] | Tensor, lengths: Tensor | None) -> l
     return list(waveforms)
 
 
-def build_whisper_encoder(dims: ModelDimensions | dict, output_layer: int | None = None) -> WhisperSpeechEncoder:
-    """A randomly initialised encoder of the given dimensions (tests, the demo)."""
+def build_whisper_encoder(
+    dims: ModelDimensions | dict, output_layer: int | None = None, seed: int | None = None
+) -> WhisperSpeechEncoder:
+    """A randomly initialised encoder of the given dimensions (tests, the demo); ``seed`` makes the weights
+    reproducible."""
+    if seed is not None:
+        torch.manual_seed(seed)
     fields = dataclasses.asdict(dims) if isinstance(dims, ModelDimensions) else dict(dims)
     audio = _audio_dims(fields, "dims")
     encoder = AudioEncoder(

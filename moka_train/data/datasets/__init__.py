@@ -1,0 +1,1 @@
+"""Dataset builders: one module per dataset, each turning the published files into Records."""
