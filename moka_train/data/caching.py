@@ -40,9 +40,14 @@ def _with_file_stats(value: Any) -> Any:
     return value
 
 
+# Media settings that change where media are read from, not what is read: left out of the fingerprint.
+_MEDIA_SOURCE_ONLY = ("extracted_dir",)
+
+
 def cache_config(modality: str, encoder: Mapping[str, Any], media: Mapping[str, Any]) -> dict[str, Any]:
     """What a modality's cached features depend on: its encoder's config and how its media are read."""
-    return {"modality": modality, "encoder": _with_file_stats(dict(encoder)), "media": _with_file_stats(dict(media))}
+    media = {key: value for key, value in media.items() if key not in _MEDIA_SOURCE_ONLY}
+    return {"modality": modality, "encoder": _with_file_stats(dict(encoder)), "media": _with_file_stats(media)}
 
 
 def open_caches(

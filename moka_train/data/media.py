@@ -438,6 +438,13 @@ class MediaLoader:
 
     Picklable for DataLoader workers as long as the transforms are (module-level functions, torchvision
     transforms, ``PerImage``; not lambdas). ``from_visual_encoder`` builds one with the encoder's transform only.
+
+    ``extracted_dir``: the ``out_dir`` of ``data_prep/extract_media.py`` (``moka_train.data.extraction``). Video
+    frames and audio waveforms are then read from the arrays extracted there, with this loader's ``frames``,
+    ``frame_size`` and ``sample_rate``, instead of decoding the files: the same tensors, without decoding a
+    video every epoch. An item not extracted with these settings (or whose source changed since) is an error
+    naming the file looked for; there is no silent fallback to decoding, which would hide an incomplete
+    extraction behind slow epochs. Images and embedded bytes are always read from their source.
     """
 
     frames: int = 10
@@ -446,6 +453,7 @@ class MediaLoader:
     frames_transform: Callable[[np.ndarray], Tensor] | None = None
     sample_rate: int = 16000
     frame_size: tuple[int, int] | None = None
+    extracted_dir: str | os.PathLike | None = None
     windows: AudioWindows = field(init=False, repr=False)
 
     # kind -> method name (names, not bound methods, so that pickling the loader stays plain)
@@ -477,7 +485,10 @@ class MediaLoader:
         return reader(ref)
 
     def load_video(self, ref: MediaRef) -> Tensor:
-        frames = read_video_frames(_source(ref), self.frames, size=self.frame_size, name=ref.path)
+        if self._extracted(ref):
+            frames = self._read_extracted(ref)
+        else:
+            frames = read_video_frames(_source(ref), self.frames, size=self.frame_size, name=ref.path)
         if self.frames_transform is not None:
             pixels = self.frames_transform(frames)
         elif self.image_transform is not None:
@@ -495,8 +506,21 @@ class MediaLoader:
         return _checked_pixels(pixels, 1, ref)
 
     def load_audio(self, ref: MediaRef) -> Tensor:
-        waveform = read_audio(_source(ref), self.sample_rate, name=ref.path)
+        if self._extracted(ref):
+            waveform = self._read_extracted(ref)
+        else:
+            waveform = read_audio(_source(ref), self.sample_rate, name=ref.path)
         return torch.from_numpy(cut_windows(waveform, self.sample_rate, self.windows))
+
+    def _extracted(self, ref: MediaRef) -> bool:
+        """Whether ``ref`` is read from ``extracted_dir`` (files only: embedded bytes are never extracted)."""
+        return self.extracted_dir is not None and ref.data is None
+
+    def _read_extracted(self, ref: MediaRef) -> np.ndarray:
+        # Imported here: moka_train.data.extraction imports this module (its decoders and MediaLoader).
+        from moka_train.data.extraction import read_extracted
+
+        return read_extracted(self.extracted_dir, ref, self)
 
 
 def _source(ref: MediaRef) -> MediaSource:
