@@ -243,7 +243,7 @@ def test_librispeech_missing_audio(librispeech):
         ("84-121123-0001", r"line 2: expected 'UTT-ID TRANSCRIPT'"),
         ("84-121123-0001   ", r"line 2: expected 'UTT-ID TRANSCRIPT'"),
         ("85-121123-0001 HELLO", r"line 2: utterance id '85-121123-0001' does not belong to speaker 84"),
-        ("84-121123-0000 AGAIN", r"line 2: utterance 84-121123-0000 already appears in .*line 1"),
+        ("84-121123-0000 AGAIN", r"line 2: utterance '84-121123-0000' repeats .*line 1"),
     ],
 )
 def test_librispeech_bad_lines(librispeech, line, message):
@@ -267,7 +267,7 @@ def test_librispeech_bad_layout(librispeech):
     copy = librispeech / "dev-other" / "84" / "121123" / "84-121123.trans.txt"
     copy.parent.mkdir(parents=True)
     copy.write_text("84-121123-0000 GO DO YOU HEAR\n")
-    with pytest.raises(ValueError, match="84-121123-0000 already appears"):
+    with pytest.raises(ValueError, match="utterance '84-121123-0000' repeats"):
         build_librispeech(librispeech, split=["dev-clean", "dev-other"], on_missing="skip")
 
 
@@ -400,10 +400,10 @@ def test_mmau_missing_audio(tmp_path):
     ("items", "message"),
     [
         ({"a": 1}, "expected a JSON array"),
-        (["q"], "record 0 is a str"),
+        (["q"], "record 0: expected a JSON object, got str"),
         (
             [mmau_item(), {k: v for k, v in mmau_item(id="q2").items() if k != "answer"}],
-            r"record 1 .*'q2'.*\['answer'\]",
+            r"record 1 .*'q2'.*missing field\(s\) 'answer'",
         ),
         ([mmau_item(answer="bored")], r"record 0 \(id 'q1'\): the answer 'bored' is not one of the choices"),
         ([mmau_item(task="noise")], "unknown task 'noise'"),
@@ -413,7 +413,7 @@ def test_mmau_missing_audio(tmp_path):
         ([mmau_item(question=3)], r"\['question'\] must be strings"),
         ([mmau_item(id="")], "must not be empty"),
         ([mmau_item(audio_id="/abs/q1.wav")], "must be relative"),
-        ([mmau_item(), mmau_item(audio_id="./test-mini-audios/x.wav")], "record 1 repeats the id 'q1' of record 0"),
+        ([mmau_item(), mmau_item(audio_id="./test-mini-audios/x.wav")], "record 1: id 'q1' repeats record 0"),
     ],
 )
 def test_mmau_bad_annotations(tmp_path, items, message):
@@ -577,13 +577,16 @@ def test_air_bench_first_matching_option_is_the_answer(tmp_path):
     ("items", "message"),
     [
         ({"path": "a.wav"}, "expected a JSON array"),
-        ([3], "record 0 is a int"),
+        ([3], "record 0: expected a JSON object, got int"),
         ([air_item(answer_gt="eighties")], r"record 0 \(uniq_id 5973\): answer_gt 'eighties' is none of the options"),
-        ([air_item(), {k: v for k, v in air_item(uniq_id=6).items() if k != "question"}], r"record 1 .*\['question'\]"),
-        ([air_item(choice_b=None)], r"missing field\(s\) \['choice_b'\]"),
+        (
+            [air_item(), {k: v for k, v in air_item(uniq_id=6).items() if k != "question"}],
+            r"record 1 .*missing field\(s\) 'question'",
+        ),
+        ([air_item(choice_b=None)], r"missing field\(s\) 'choice_b'"),
         ([air_item(uniq_id="5973")], "uniq_id must be an integer"),
         ([air_item(choice_c=3)], r"\['choice_c'\] must be strings"),
-        ([air_item(), air_item(path="b.wav")], "record 1 repeats the uniq_id 5973 of record 0"),
+        ([air_item(), air_item(path="b.wav")], "record 1: uniq_id 5973 repeats record 0"),
     ],
 )
 def test_air_bench_bad_annotations(tmp_path, items, message):

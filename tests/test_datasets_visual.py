@@ -230,9 +230,9 @@ def _pair(human="<image>\nQ?", gpt="A."):
     ("content", "match"),
     [
         ("[{", "not valid JSON"),
-        ('{"id": 1}', "expected a JSON list"),
+        ('{"id": 1}', "expected a JSON array"),
         ('["x"]', "entry 0 must be an object"),
-        (json.dumps([{"image": "a.jpg", "conversations": _pair()}]), "entry 0 has no 'id'"),
+        (json.dumps([{"image": "a.jpg", "conversations": _pair()}]), r"entry 0: missing field\(s\) 'id'"),
         (json.dumps([{"id": None, "image": "a.jpg", "conversations": _pair()}]), "'id' must be"),
         (json.dumps([{"id": "a", "image": "a.jpg"}]), r"entry 0 \(id 'a'\): 'conversations' must be"),
         (json.dumps([{"id": "a", "image": 3, "conversations": _pair()}]), "'image' must be a non-empty string"),

@@ -51,12 +51,19 @@ key               value
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from moka_train.data.datasets.common import (
+    absolute_root,
+    check_unique,
+    load_json_array,
+    record_error,
+    require_fields,
+    require_strings,
+)
 from moka_train.data.prompts import AUDIO, SPEECH, Prompt
 from moka_train.data.records import MediaRef, Record, check_media
 
@@ -104,41 +111,17 @@ def _audio_file(folder: Path, listed: str) -> str:
     return path
 
 
-def _load_array(path: Path) -> list[Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"AIR-Bench annotation file {path} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of questions, got a {type(data).__name__}")
-    return data
-
-
-def _check_item(path: Path, index: int, item: Any) -> tuple[list[str | None], str]:
+def _check_item(item: Any) -> tuple[list[str | None], str]:
     """Validate one question; return its options A-D (None where missing) and the correct letter."""
-    if not isinstance(item, dict):
-        raise ValueError(f"{path}: record {index} is a {type(item).__name__}, not an object")
-    where = f"{path}: record {index} (uniq_id {item.get('uniq_id')!r})"
-    missing = [key for key in REQUIRED if item.get(key) is None]
-    if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}")
+    item = require_fields(item, REQUIRED, null_is_missing=True)
     if not isinstance(item["uniq_id"], int) or isinstance(item["uniq_id"], bool):
-        raise ValueError(f"{where}: uniq_id must be an integer")
+        raise ValueError("uniq_id must be an integer")
+    require_strings(item, ("path", "question", "answer_gt", "task_name", "dataset_name"), optional=OPTION_FIELDS)
     choices = [item.get(field) for field in OPTION_FIELDS]
-    not_strings = [
-        key for key in ("path", "question", "answer_gt", "task_name", "dataset_name") if not isinstance(item[key], str)
-    ]
-    not_strings += [
-        field for field, choice in zip(OPTION_FIELDS, choices, strict=True) if not isinstance(choice, str | None)
-    ]
-    if not_strings:
-        raise ValueError(f"{where}: field(s) {not_strings} must be strings")
     # The official scorer's rule: the first option whose text equals answer_gt (it exits when none does).
     letter = next((lt for lt, choice in zip(LETTERS, choices, strict=True) if choice == item["answer_gt"]), None)
     if letter is None:
-        raise ValueError(f"{where}: answer_gt {item['answer_gt']!r} is none of the options {choices}")
+        raise ValueError(f"answer_gt {item['answer_gt']!r} is none of the options {choices}")
     return choices, letter
 
 
@@ -163,7 +146,7 @@ def build_air_bench(
         raise ValueError(f"only the AIR-Bench Foundation split is supported, got {split!r}")
     if missing_options not in MISSING_OPTIONS:
         raise ValueError(f"missing_options must be one of {MISSING_OPTIONS}, got {missing_options!r}")
-    root = Path(os.path.abspath(root))  # absolute, symlinks kept: paths stay under root
+    root = absolute_root(root)
     prefix = INSTRUCTION + "\n"
     prompts = {
         "speech": prompt or Prompt(SPEECH, question_prefix=prefix),
@@ -171,8 +154,13 @@ def build_air_bench(
     }
     wanted = None if tasks is None else ([tasks] if isinstance(tasks, str) else list(tasks))
     source = root / split / f"{split}_meta.json"
-    items = _load_array(source)
-    checked = [_check_item(source, index, item) for index, item in enumerate(items)]
+    items = load_json_array(source, "AIR-Bench annotations")
+    checked = []
+    for index, item in enumerate(items):
+        try:
+            checked.append(_check_item(item))
+        except ValueError as error:
+            raise record_error(source, index, item, "uniq_id", error) from None
     if wanted is not None:
         # A misspelt task would silently select nothing: a name that is neither a speech task nor in the file is
         # an error (a speech task missing from a partial copy of the file is not).
@@ -181,12 +169,10 @@ def build_air_bench(
         if unknown:
             raise ValueError(f"{source} has no question of the task(s) {unknown}; its tasks are {sorted(in_file)}")
     records = []
-    seen: dict[int, int] = {}
+    seen: dict[int, str] = {}
     for index, (item, (choices, letter)) in enumerate(zip(items, checked, strict=True)):
         uniq_id = item["uniq_id"]
-        if uniq_id in seen:
-            raise ValueError(f"{source}: record {index} repeats the uniq_id {uniq_id} of record {seen[uniq_id]}")
-        seen[uniq_id] = index
+        check_unique(seen, uniq_id, "uniq_id", where=f"{source}: record {index}", place=f"record {index}")
         if wanted is not None and item["task_name"] not in wanted:
             continue
         group = f"{item['task_name']}_{item['dataset_name']}"

@@ -32,9 +32,9 @@ key              value
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
+from moka_train.data.datasets.common import absolute_root, check_unique, require_file
 from moka_train.data.prompts import AUDIO, Prompt
 from moka_train.data.records import MediaRef, Record, check_media
 
@@ -45,8 +45,7 @@ DEFAULT_AUDIO_PATH = "{split}/{audiocap_id}.wav"  # audiocaps-download's layout
 
 def _read_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
     """``(line number, row)`` for every data row; a wrong header or column count is an error naming the line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"AudioCaps annotation file {path} does not exist")
+    require_file(path, "AudioCaps annotations")
     rows = []
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
@@ -104,19 +103,17 @@ def build_audiocaps(
     ``start_time``). ``instruction``: the user's request, which is the question span. ``one_per_clip``: one
     record per clip instead of one per caption row. ``prompt`` defaults to the official audio user turn.
     """
-    root = Path(os.path.abspath(root))  # absolute, symlinks kept: paths stay under root
+    root = absolute_root(root)
     prompt = prompt or Prompt(AUDIO)
     _check_audio_path(audio_path)
     source = root / f"{split}.csv"
     # Parse every row first, so that a clip's reference set is complete wherever its rows are in the file.
     rows: list[tuple[int, int, float, dict[str, str]]] = []
     clips: dict[tuple[str, float], list[int]] = {}  # clip -> indices into rows, in file order
-    seen: dict[int, int] = {}
+    seen: dict[int, str] = {}
     for line, row in _read_rows(source):
         audiocap_id, start_time = _parse(source, line, row)
-        if audiocap_id in seen:
-            raise ValueError(f"{source}, line {line}: audiocap_id {audiocap_id} repeats line {seen[audiocap_id]}")
-        seen[audiocap_id] = line
+        check_unique(seen, audiocap_id, "audiocap_id", where=f"{source}, line {line}", place=f"line {line}")
         clips.setdefault((row["youtube_id"], start_time), []).append(len(rows))
         rows.append((line, audiocap_id, start_time, row))
 

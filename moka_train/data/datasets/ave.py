@@ -51,9 +51,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moka_train.data.datasets.music_avqa import prompt_media_order
+from moka_train.data.datasets.common import audio_visual_media, prompt_media_order, require_file, resolve_root
 from moka_train.data.prompts import AUDIO_VISUAL, Prompt
-from moka_train.data.records import MediaRef, Record, check_media
+from moka_train.data.records import Record, check_media
 
 # The 28 AVE categories, spelled as in Annotations.txt.
 CATEGORIES: tuple[str, ...] = (
@@ -129,14 +129,13 @@ def build_ave(
         raise ValueError(f"AVE split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
     check_target_template(target_template)
     prompt = DEFAULT_PROMPT if prompt is None else prompt
-    root = Path(root).expanduser().resolve()
+    root = resolve_root(root)
     path = root / SPLIT_FILES[split]
     order = prompt_media_order(prompt, ("visual", "audio"), "AVE")
 
     records = []
     for event in read_annotations(path):
         video = root / video_dir / f"{event.video_id}.mp4"
-        refs = {"visual": MediaRef("visual", video, "video"), "audio": MediaRef("audio", video, "audio")}
         target = target_template.format(event=event.category, start=event.start, end=event.end)
         messages, span = prompt.messages(question, target)
         records.append(
@@ -144,7 +143,7 @@ def build_ave(
                 id=f"ave/{split}/{event.index}",
                 messages=messages,
                 question_span=span,
-                media=[refs[modality] for modality in order],
+                media=audio_visual_media(order, video, video),
                 metadata={
                     "split": split,
                     "index": event.index,
@@ -163,8 +162,7 @@ def build_ave(
 
 def read_annotations(path: Path) -> list[AveEvent]:
     """The annotation lines of one AVE file (Annotations.txt or a split file), header and blank lines skipped."""
-    if not path.is_file():
-        raise FileNotFoundError(f"AVE annotations: {path} does not exist (check root and the dataset layout)")
+    require_file(path, "AVE annotations")
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as error:

@@ -27,10 +27,10 @@ key             value
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from moka_train.data.datasets.common import absolute_root, check_unique
 from moka_train.data.prompts import SPEECH, Prompt
 from moka_train.data.records import MediaRef, Record, check_media
 
@@ -86,7 +86,7 @@ def build_librispeech(
     question span). ``lowercase``: lower-case the target (metadata keeps the transcript as written).
     ``audio_ext``: the audio files' extension. ``prompt`` defaults to the speech user turn.
     """
-    root = Path(os.path.abspath(root))  # absolute, symlinks kept: paths stay under root
+    root = absolute_root(root)
     prompt = prompt or Prompt(SPEECH)
     splits = [split] if isinstance(split, str) else list(split)
     records: list[Record] = []
@@ -96,9 +96,7 @@ def build_librispeech(
             speaker, chapter = path.parent.parent.name, path.parent.name
             for number, utterance, transcript in _read_transcripts(path):
                 where = f"{path}, line {number}"
-                if utterance in seen:
-                    raise ValueError(f"{where}: utterance {utterance} already appears in {seen[utterance]}")
-                seen[utterance] = where
+                check_unique(seen, utterance, "utterance", where=where, place=where)
                 messages, span = prompt.messages(instruction, transcript.lower() if lowercase else transcript)
                 records.append(
                     Record(

@@ -46,13 +46,13 @@ key            value
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from moka_train.data.datasets.common import id_field, load_json_array, require_fields, resolve_root
 from moka_train.data.prompts import QUESTION_FIELD, VISUAL, Prompt
 from moka_train.data.records import MediaRef, Record, check_media
 
@@ -113,7 +113,7 @@ def _build(
         raise ValueError(f"{name}: split must be one of {SPLITS} (LLaVA's files are training data), got {split!r}")
     if text_only not in TEXT_ONLY:
         raise ValueError(f"{name}: text_only must be one of {TEXT_ONLY}, got {text_only!r}")
-    root = Path(root).expanduser().resolve()
+    root = resolve_root(root)
     path = root / annotation
     images = root / image_folder
     entries = _load_entries(path)
@@ -124,8 +124,10 @@ def _build(
     records: list[Record] = []
     skipped_text_only: list[str] = []
     for index, entry in enumerate(entries):
-        where = f"{path}: entry {index}"
-        source_id = _entry_id(entry, where)
+        try:
+            source_id = str(id_field(require_fields(entry, ("id",)), "id"))
+        except ValueError as error:
+            raise ValueError(f"{path}: entry {index}: {error}") from None
         where = f"{path}: entry {index} (id {source_id!r})"
         image = entry.get("image")
         if image is None:
@@ -166,28 +168,12 @@ def _build(
 
 
 def _load_entries(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"LLaVA annotation file {path} does not exist")
-    try:
-        with path.open(encoding="utf-8") as file:
-            entries = json.load(file)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a JSON list of conversations, got {type(entries).__name__}")
+    """The conversations of a LLaVA file, each checked to be a JSON object."""
+    entries = load_json_array(path, "LLaVA annotations")
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: entry {index} must be an object, got {type(entry).__name__}")
     return entries
-
-
-def _entry_id(entry: dict[str, Any], where: str) -> str:
-    if "id" not in entry:
-        raise ValueError(f"{where} has no 'id'")
-    source_id = entry["id"]
-    if isinstance(source_id, bool) or not isinstance(source_id, (str, int)) or str(source_id) == "":
-        raise ValueError(f"{where}: 'id' must be a non-empty string or an integer, got {source_id!r}")
-    return str(source_id)
 
 
 def _pairs(entry: dict[str, Any], where: str) -> list[tuple[str, str]]:

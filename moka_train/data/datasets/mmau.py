@@ -47,13 +47,20 @@ key                value
 from __future__ import annotations
 
 import ast
-import json
 import os
 import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from moka_train.data.datasets.common import (
+    absolute_root,
+    check_unique,
+    load_json_array,
+    record_error,
+    require_fields,
+    require_strings,
+)
 from moka_train.data.prompts import AUDIO, SPEECH, Prompt
 from moka_train.data.records import MediaRef, Record, check_media
 
@@ -107,45 +114,24 @@ def normalise_category(value: str) -> str:
     return value
 
 
-def _load_array(path: Path) -> list[Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"MMAU annotation file {path} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of questions, got a {type(data).__name__}")
-    return data
-
-
-def _check_item(path: Path, index: int, item: Any) -> str:
-    """Validate one question; return its category, normalised. Errors name the file, index and id."""
-    if not isinstance(item, dict):
-        raise ValueError(f"{path}: record {index} is a {type(item).__name__}, not an object")
-    where = f"{path}: record {index} (id {item.get('id')!r})"
-    missing = [key for key in REQUIRED if key not in item]
-    if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}")
-    not_strings = [
-        key for key in ("id", "audio_id", "question", "answer", "task", "category") if not isinstance(item[key], str)
-    ]
-    if not_strings:
-        raise ValueError(f"{where}: field(s) {not_strings} must be strings")
+def _check_item(item: Any) -> str:
+    """Validate one question; return its category, normalised."""
+    item = require_fields(item, REQUIRED)
+    require_strings(item, ("id", "audio_id", "question", "answer", "task", "category"))
     if not item["id"] or not item["audio_id"]:
-        raise ValueError(f"{where}: id and audio_id must not be empty")
+        raise ValueError("id and audio_id must not be empty")
     choices = item["choices"]
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-        raise ValueError(f"{where}: choices must be a list of two or more strings, got {choices!r}")
+        raise ValueError(f"choices must be a list of two or more strings, got {choices!r}")
     if item["answer"] not in choices:
-        raise ValueError(f"{where}: the answer {item['answer']!r} is not one of the choices {choices}")
+        raise ValueError(f"the answer {item['answer']!r} is not one of the choices {choices}")
     if item["task"] not in TASKS:
-        raise ValueError(f"{where}: unknown task {item['task']!r}; MMAU tasks are {TASKS}")
+        raise ValueError(f"unknown task {item['task']!r}; MMAU tasks are {TASKS}")
     category = normalise_category(item["category"])
     if category not in CATEGORIES:
-        raise ValueError(f"{where}: unknown category {item['category']!r}; MMAU categories are {CATEGORIES}")
+        raise ValueError(f"unknown category {item['category']!r}; MMAU categories are {CATEGORIES}")
     if Path(item["audio_id"]).is_absolute():
-        raise ValueError(f"{where}: audio_id {item['audio_id']!r} must be relative to the dataset folder")
+        raise ValueError(f"audio_id {item['audio_id']!r} must be relative to the dataset folder")
     return category
 
 
@@ -166,7 +152,7 @@ def build_mmau(
     format's own). ``prompt``: the user turn of speech questions (default ``<speech>``); ``audio_prompt``:
     that of sound and music questions (default ``<audio>``).
     """
-    root = Path(os.path.abspath(root))  # absolute, symlinks kept: paths stay under root
+    root = absolute_root(root)
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
@@ -176,12 +162,13 @@ def build_mmau(
     prompts = {"speech": prompt or Prompt(SPEECH), "audio": audio_prompt or Prompt(AUDIO)}
     source = root / f"mmau-{split}.json"
     records = []
-    seen: dict[str, int] = {}
-    for index, item in enumerate(_load_array(source)):
-        category = _check_item(source, index, item)
-        if item["id"] in seen:
-            raise ValueError(f"{source}: record {index} repeats the id {item['id']!r} of record {seen[item['id']]}")
-        seen[item["id"]] = index
+    seen: dict[str, str] = {}
+    for index, item in enumerate(load_json_array(source, "MMAU annotations")):
+        try:
+            category = _check_item(item)
+        except ValueError as error:
+            raise record_error(source, index, item, "id", error) from None
+        check_unique(seen, item["id"], "id", where=f"{source}: record {index}", place=f"record {index}")
         if item["task"] not in tasks:
             continue
         choices, answer = item["choices"], item["answer"]

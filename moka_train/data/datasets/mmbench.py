@@ -60,6 +60,7 @@ import string
 from collections.abc import Callable
 from pathlib import Path
 
+from moka_train.data.datasets.common import MOKA_CHOICE_INSTRUCTION, require_file, resolve_root
 from moka_train.data.prompts import Prompt
 from moka_train.data.records import MediaRef, Record, check_media
 
@@ -69,10 +70,7 @@ IMAGE_REFERENCE_MAX_CHARS = 64  # VLMEvalKit: an image cell this short names the
 MISSING = ("", "nan")
 MOKA_SYSTEM = "You are a classification assistant. You need to classify the image into the correct option."
 MOKA_PROMPT = Prompt("\n This is an image:\n<image_start><image><image_end>\n{question}", system=MOKA_SYSTEM)
-MOKA_INSTRUCTION = (
-    "Please select the correct answer from the options above. Output only the selected option in the format "
-    "(A), (B), (C), or (D). No explanation or extra text."
-)
+MOKA_INSTRUCTION = MOKA_CHOICE_INSTRUCTION
 
 
 def _moka_question(question: str, hint: str | None, options: dict[str, str]) -> str:
@@ -109,7 +107,7 @@ def build_mmbench(
         raise ValueError(f"unknown MMBench prompt style {style!r}; known: {list(STYLES)}")
     build_question, target_format = STYLES[style]
     prompt = prompt or MOKA_PROMPT
-    path = Path(root).expanduser().resolve() / (tsv or f"MMBench_{split}.tsv")
+    path = resolve_root(root) / (tsv or f"MMBench_{split}.tsv")
     header, rows = _read_tsv(path)
     by_index = {index: cells for index, (_, cells) in rows.items()}
     letters = [c for c in header if len(c) == 1 and c in string.ascii_uppercase]
@@ -158,8 +156,7 @@ def _optional(cells: dict[str, str], column: str) -> str | None:
 
 def _read_tsv(path: Path) -> tuple[list[str], dict[int, tuple[int, dict[str, str]]]]:
     """The header and ``index -> (line number, column -> cell)``, in file order."""
-    if not path.is_file():
-        raise FileNotFoundError(f"MMBench TSV {path} does not exist")
+    require_file(path, "MMBench TSV")
     # A base64 image is far longer than csv's default 128 KiB field limit; restore the limit afterwards.
     previous = csv.field_size_limit(2**31 - 1)
     try:

@@ -43,7 +43,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from moka_train.data.prompts import VISUAL, Prompt
+from moka_train.data.datasets.common import MOKA_YES_NO_PROMPT, resolve_root
+from moka_train.data.prompts import Prompt
 from moka_train.data.records import MediaRef, Record, check_media
 
 PERCEPTION = (
@@ -68,9 +69,7 @@ IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
 ANSWER_SUFFIX = "Please answer yes or no."
 QUESTIONS_PER_IMAGE = 2
 ANSWERS = {"yes": "Yes", "no": "No"}
-MOKA_PROMPT = Prompt(
-    VISUAL, question_prefix="Please answer this question with yes or no, and no other content. Question: "
-)
+MOKA_PROMPT = MOKA_YES_NO_PROMPT
 
 
 def build_mme(
@@ -90,7 +89,7 @@ def build_mme(
     unknown = [s for s in chosen if s not in SUBTASKS]
     if unknown:
         raise ValueError(f"unknown MME subtasks {unknown}; known: {list(SUBTASKS)}")
-    base = _find_base(Path(root).expanduser().resolve())
+    base = _find_base(resolve_root(root))
     records: list[Record] = []
     for subtask in chosen:
         folder = base / subtask

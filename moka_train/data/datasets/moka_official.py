@@ -62,17 +62,19 @@ from pathlib import Path
 from typing import Any
 
 from moka_train.data.datasets import ave, music_avqa
-from moka_train.data.datasets.music_avqa import (
-    describe_id,
+from moka_train.data.datasets.common import (
+    audio_visual_media,
     id_field,
-    load_json_list,
-    parse_question_type,
+    load_json_array,
     prompt_media_order,
+    record_error,
     require_fields,
+    resolve_root,
     text_field,
 )
+from moka_train.data.datasets.music_avqa import parse_question_type
 from moka_train.data.prompts import Prompt
-from moka_train.data.records import MediaRef, Record, check_media
+from moka_train.data.records import Record, check_media
 
 AVQA_FILES = {"train": "train_samples_with_reasoning_avqa.json", "test": "test_samples_avqa.json"}
 AVE_FILES = {"train": "train_samples_ave.json", "test": "test_samples_ave.json"}
@@ -94,36 +96,25 @@ def build_music_avqa_moka(
 ) -> list[Record]:
     """Records of MokA's MUSIC-AVQA files (``train`` = with reasoning labels, ``test`` = its 9,129 questions),
     media rebased onto ``root/<video_dir>`` and ``root/<audio_dir>`` by file name."""
-    root = root_path(root)
+    root = resolve_root(root)
     path = root / _split_file(AVQA_FILES, split, "MokA MUSIC-AVQA")
     if target_format not in AVQA_TARGET_FORMATS:
         raise ValueError(f"target_format must be one of {AVQA_TARGET_FORMATS}, got {target_format!r}")
-    prompt = music_avqa.DEFAULT_PROMPT if prompt is None else prompt
-    order = prompt_media_order(prompt, ("visual", "audio"), "MokA MUSIC-AVQA")
 
-    records = []
-    for index, item in enumerate(load_json_list(path, "MokA MUSIC-AVQA annotations")):
-        try:
-            fields, paths, label = _parse_avqa(item)
-            target = _avqa_target(target_format, fields["answer"], label)
-        except ValueError as error:
-            raise ValueError(f"{path}: record {index}{describe_id(item, 'question_id')}: {error}") from None
-        refs = {
-            "visual": MediaRef("visual", root / video_dir / paths[0], "video"),
-            "audio": MediaRef("audio", root / audio_dir / paths[1], "audio"),
-        }
-        messages, span = prompt.messages(fields["question"], target)
-        records.append(
-            Record(
-                id=f"music_avqa_moka/{split}/{fields['question_id']}",
-                messages=messages,
-                question_span=span,
-                media=[refs[modality] for modality in order],
-                metadata={"split": split, **fields},
-            )
-        )
-    music_avqa.dedupe_ids(records, str(path))
-    return check_media(records, on_missing, source=str(path))
+    def parse(item: Any) -> music_avqa.ParsedQuestion:
+        fields, (video, audio), label = _parse_avqa(item)
+        target = _avqa_target(target_format, fields["answer"], label)
+        return fields, target, root / video_dir / video, root / audio_dir / audio
+
+    return music_avqa.avqa_records(
+        path,
+        parse,
+        dataset="MokA MUSIC-AVQA",
+        name="music_avqa_moka",
+        split=split,
+        prompt=music_avqa.DEFAULT_PROMPT if prompt is None else prompt,
+        on_missing=on_missing,
+    )
 
 
 def build_ave_moka(
@@ -140,7 +131,7 @@ def build_ave_moka(
 ) -> list[Record]:
     """Records of MokA's AVE files (``train`` with the converted reasoning labels, ``test`` = its 402 videos),
     media under ``root/<video_dir>`` (mp4) and ``root/<audio_dir>`` (mp3)."""
-    root = root_path(root)
+    root = resolve_root(root)
     path = root / _split_file(AVE_FILES, split, "MokA AVE")
     if target_format not in AVE_TARGET_FORMATS:
         raise ValueError(f"target_format must be one of {AVE_TARGET_FORMATS}, got {target_format!r}")
@@ -149,7 +140,7 @@ def build_ave_moka(
     order = prompt_media_order(prompt, ("visual", "audio"), "MokA AVE")
 
     records = []
-    for index, item in enumerate(load_json_list(path, "MokA AVE annotations")):
+    for index, item in enumerate(load_json_array(path, "MokA AVE annotations")):
         try:
             item = require_fields(item, _AVE_FIELDS)
             category = ave.check_category(item["event"])
@@ -158,20 +149,17 @@ def build_ave_moka(
             end = ave.parse_seconds(item["end_time"], "end_time")
             ave.check_range(start, end)
         except ValueError as error:
-            raise ValueError(f"{path}: record {index}{describe_id(item, 'vid')}: {error}") from None
+            raise record_error(path, index, item, "vid", error) from None
         ground_truth = f"event:{category} start_time:{start} end_time:{end}"
         target = _read_label(root / label_dir / f"{video_id}.txt", path, index) if use_label else ground_truth
-        refs = {
-            "visual": MediaRef("visual", root / video_dir / f"{video_id}.mp4", "video"),
-            "audio": MediaRef("audio", root / audio_dir / f"{video_id}.mp3", "audio"),
-        }
+        video, audio = root / video_dir / f"{video_id}.mp4", root / audio_dir / f"{video_id}.mp3"
         messages, span = prompt.messages(question, target)
         records.append(
             Record(
                 id=f"ave_moka/{split}/{index}",
                 messages=messages,
                 question_span=span,
-                media=[refs[modality] for modality in order],
+                media=audio_visual_media(order, video, audio),
                 metadata={
                     "split": split,
                     "index": index,
@@ -185,10 +173,6 @@ def build_ave_moka(
             )
         )
     return check_media(records, on_missing, source=str(path))
-
-
-def root_path(root: str | Path) -> Path:
-    return Path(root).expanduser().resolve()
 
 
 def _split_file(files: dict[str, str], split: str, what: str) -> str:

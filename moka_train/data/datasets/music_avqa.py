@@ -45,15 +45,23 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moka_train.data.datasets.common import (
+    audio_visual_media,
+    dedupe_ids,
+    id_field,
+    load_json_array,
+    prompt_media_order,
+    record_error,
+    require_fields,
+    resolve_root,
+    text_field,
+)
 from moka_train.data.prompts import AUDIO_VISUAL, Prompt
-from moka_train.data.records import MediaRef, Record, check_media
-from moka_train.data.sample import PLACEHOLDER_PATTERN
-from moka_train.models.tokenizer import PLACEHOLDERS
+from moka_train.data.records import Record, check_media
 
 # The official MokA audio-visual prompt: the question span covers the lead-in, as its <question_start/end> did.
 DEFAULT_PROMPT = Prompt(AUDIO_VISUAL, question_prefix="Please answer this question: ")
@@ -118,76 +126,64 @@ def build_music_avqa(
     if not isinstance(split, str) or not _SPLIT.fullmatch(split):
         raise ValueError(f"MUSIC-AVQA split must be train, val or test (optionally _real / _fake), got {split!r}")
     target = target_formatter(target_format)
-    prompt = DEFAULT_PROMPT if prompt is None else prompt
-    root = Path(root).expanduser().resolve()
-    path = root / annotation_dir / f"avqa-{split}.json"
-    order = prompt_media_order(prompt, ("visual", "audio"), "MUSIC-AVQA")
+    root = resolve_root(root)
 
-    records = []
-    for index, item in enumerate(load_json_list(path, "MUSIC-AVQA annotations")):
-        try:
-            fields = _parse_record(item)
-        except ValueError as error:
-            raise ValueError(f"{path}: record {index}{describe_id(item, 'question_id')}: {error}") from None
+    def parse(item: Any) -> ParsedQuestion:
+        fields = _parse_record(item)
         video = root / video_dir / f"{fields['video_id']}.mp4"
-        refs = {"visual": MediaRef("visual", video, "video"), "audio": MediaRef("audio", video, "audio")}
-        messages, span = prompt.messages(fields["question"], target(fields["answer"]))
+        return fields, target(fields["answer"]), video, video
+
+    return avqa_records(
+        root / annotation_dir / f"avqa-{split}.json",
+        parse,
+        dataset="MUSIC-AVQA",
+        name="music_avqa",
+        split=split,
+        prompt=DEFAULT_PROMPT if prompt is None else prompt,
+        on_missing=on_missing,
+    )
+
+
+# -- shared with moka_official.py -----------------------------------------------------------------------------------
+
+# One question read by a builder's parser: its metadata fields (``question_id`` and ``question`` among them), the
+# assistant target, and the files of its frames and of its sound.
+ParsedQuestion = tuple[dict[str, Any], str, Path, Path]
+
+
+def avqa_records(
+    path: Path,
+    parse: Callable[[Any], ParsedQuestion],
+    *,
+    dataset: str,
+    name: str,
+    split: str,
+    prompt: Prompt,
+    on_missing: str,
+) -> list[Record]:
+    """The records of a MUSIC-AVQA annotation file (the release's or MokA's: one JSON array), one per item as
+    ``parse`` reads it; a ValueError from ``parse`` is re-raised naming the file, the item's index and its
+    question_id. Ids: ``<name>/<split>/<question_id>``, repeats suffixed (``dedupe_ids``); metadata: ``split``
+    and the parsed fields. ``dataset`` names the benchmark in messages ("MokA MUSIC-AVQA")."""
+    order = prompt_media_order(prompt, ("visual", "audio"), dataset)
+    records = []
+    for index, item in enumerate(load_json_array(path, f"{dataset} annotations")):
+        try:
+            fields, target, video, audio = parse(item)
+        except ValueError as error:
+            raise record_error(path, index, item, "question_id", error) from None
+        messages, span = prompt.messages(fields["question"], target)
         records.append(
             Record(
-                id=f"music_avqa/{split}/{fields['question_id']}",
+                id=f"{name}/{split}/{fields['question_id']}",
                 messages=messages,
                 question_span=span,
-                media=[refs[modality] for modality in order],
+                media=audio_visual_media(order, video, audio),
                 metadata={"split": split, **fields},
             )
         )
-    dedupe_ids(records, str(path))
+    dedupe_ids(records, str(path), stacklevel=4)
     return check_media(records, on_missing, source=str(path))
-
-
-# -- shared by the audio-visual builders (ave.py, moka_official.py) ---------------------------------------------
-
-
-def load_json_list(path: Path, what: str) -> list[Any]:
-    """A JSON file holding one array; errors name the file (missing, unparsable, not an array)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} does not exist (check root and the dataset layout)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of records, got a JSON {type(data).__name__}")
-    return data
-
-
-def describe_id(item: Any, key: str) -> str:
-    """`` (<key> <value>)`` for error messages when the record has that field, else nothing."""
-    return f" ({key} {item[key]!r})" if isinstance(item, Mapping) and key in item else ""
-
-
-def require_fields(item: Any, fields: Iterable[str]) -> Mapping[str, Any]:
-    """The record as a mapping, or a ValueError listing the fields it lacks."""
-    if not isinstance(item, Mapping):
-        raise ValueError(f"expected a JSON object, got {type(item).__name__}")
-    missing = [name for name in fields if name not in item]
-    if missing:
-        raise ValueError(f"missing field(s) {', '.join(map(repr, missing))}")
-    return item
-
-
-def text_field(item: Mapping[str, Any], key: str) -> str:
-    value = item[key]
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{key!r} must be a non-empty string, got {value!r}")
-    return value
-
-
-def id_field(item: Mapping[str, Any], key: str) -> int | str:
-    value = item[key]
-    if isinstance(value, bool) or not isinstance(value, int | str) or value == "":
-        raise ValueError(f"{key!r} must be an int or a non-empty string, got {value!r}")
-    return value
 
 
 def parse_question_type(value: Any) -> tuple[str, str]:
@@ -213,38 +209,6 @@ def target_formatter(target_format: str) -> Callable[[str], str]:
     if target_format not in formats:
         raise ValueError(f"target_format must be one of {TARGET_FORMATS}, got {target_format!r}")
     return formats[target_format]
-
-
-def prompt_media_order(prompt: Prompt, available: Iterable[str], dataset: str) -> list[str]:
-    """The media modalities in the order the prompt's placeholders name them. A custom prompt may reorder or
-    leave out media (a visual-only ablation), but not ask for a medium the dataset lacks."""
-    turns, _ = prompt.messages("")
-    order = [PLACEHOLDERS[m.group()].key for turn in turns for m in PLACEHOLDER_PATTERN.finditer(turn["content"])]
-    unknown = sorted(set(order) - set(available))
-    if unknown:
-        raise ValueError(
-            f"the prompt has placeholders for {unknown}, but {dataset} only has {sorted(available)} media: "
-            f"{prompt.template!r}"
-        )
-    return order
-
-
-def dedupe_ids(records: list[Record], source: str) -> None:
-    """Make ids unique in place: the second, third... record with an id gets ``#2``, ``#3``... (file order, so
-    stable across runs); warn once with the count, since a repeated source id usually means a stale file."""
-    seen: dict[str, int] = {}
-    repeated = 0
-    for record in records:
-        count = seen.get(record.id, 0) + 1
-        seen[record.id] = count
-        if count > 1:
-            repeated += 1
-            record.id = f"{record.id}#{count}"
-    if repeated:
-        warnings.warn(
-            f"{source}: {repeated} records repeat the id of an earlier record; they get a '#<n>' suffix",
-            stacklevel=3,
-        )
 
 
 # -- MUSIC-AVQA's own fields --------------------------------------------------------------------------------------

@@ -39,15 +39,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moka_train.data.prompts import VISUAL, Prompt
+from moka_train.data.datasets.common import MOKA_YES_NO_PROMPT, check_unique, require_file, resolve_root
+from moka_train.data.prompts import Prompt
 from moka_train.data.records import MediaRef, Record, check_media
 
 SPLITS = ("random", "popular", "adversarial")
 LABELS = ("yes", "no")
 FIELDS: dict[str, type] = {"question_id": int, "image": str, "text": str, "label": str}
-MOKA_PROMPT = Prompt(
-    VISUAL, question_prefix="Please answer this question with yes or no, and no other content. Question: "
-)
+MOKA_PROMPT = MOKA_YES_NO_PROMPT
 
 
 def build_pope(
@@ -64,18 +63,16 @@ def build_pope(
     if split not in (*SPLITS, "all"):
         raise ValueError(f"POPE split must be one of {(*SPLITS, 'all')}, got {split!r}")
     prompt = prompt or MOKA_PROMPT
-    root = Path(root).expanduser().resolve()
+    root = resolve_root(root)
     annotations = root / (annotation_folder or f"output/{dataset}")
     images = root / image_folder
     records = []
     for name in SPLITS if split == "all" else (split,):
         path = annotations / f"{dataset}_pope_{name}.json"
-        seen: dict[int, int] = {}
+        seen: dict[int, str] = {}
         for line, item in _read_lines(path):
             qid = item["question_id"]
-            if qid in seen:
-                raise ValueError(f"{path}:{line}: question_id {qid} repeats line {seen[qid]}")
-            seen[qid] = line
+            check_unique(seen, qid, "question_id", where=f"{path}:{line}", place=f"line {line}")
             messages, span = prompt.messages(item["text"], item["label"])
             metadata = {
                 "question_id": qid,
@@ -94,8 +91,7 @@ def build_pope(
 
 def _read_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` per non-blank line, each checked for POPE's four fields."""
-    if not path.is_file():
-        raise FileNotFoundError(f"POPE annotation file {path} does not exist")
+    require_file(path, "POPE annotations")
     items = []
     for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not text.strip():

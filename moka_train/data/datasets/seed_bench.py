@@ -47,12 +47,12 @@ key                   value
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from moka_train.data.datasets.common import MOKA_CHOICE_INSTRUCTION, check_unique, id_field, load_json, resolve_root
 from moka_train.data.prompts import Prompt
 from moka_train.data.records import MediaRef, Record, check_media
 
@@ -77,10 +77,7 @@ DIMENSIONS = {
     "Procedure Understanding": 12,
 }
 MOKA_PROMPT = Prompt("This is an image:\n<image_start><image><image_end>. {question}")
-MOKA_INSTRUCTION = (
-    "Please select the correct answer from the options above. Output only the selected option in the format "
-    "(A), (B), (C), or (D). No explanation or extra text."
-)
+MOKA_INSTRUCTION = MOKA_CHOICE_INSTRUCTION
 
 
 def _moka_question(question: str, choices: dict[str, str]) -> str:
@@ -121,7 +118,7 @@ def build_seed_bench(
         raise ValueError(f"unknown SEED-Bench prompt style {style!r}; known: {list(STYLES)}")
     build_question, target_format = STYLES[style]
     prompt = prompt or MOKA_PROMPT
-    root = Path(root).expanduser().resolve()
+    root = resolve_root(root)
     path = root / annotation
     questions, names = _load(path)
     wanted = None if dimensions is None else {int(d) for d in dimensions}
@@ -134,11 +131,12 @@ def build_seed_bench(
     for position, item in enumerate(questions):
         known_id = isinstance(item, dict) and isinstance(item.get("question_id"), (str, int))
         where = f"{path}: question {position}" + (f" (id {item['question_id']})" if known_id else "")
-        _check(item, names, where)
+        try:
+            _check(item, names)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
         qid = str(item["question_id"])
-        if qid in seen:
-            raise ValueError(f"{where}: question_id repeats question {seen[qid]}")
-        seen[qid] = position
+        check_unique(seen, qid, "question_id", where=where, place=f"question {position}")
         if item["data_type"] not in kinds or (wanted is not None and item["question_type_id"] not in wanted):
             continue
         choices = {letter: item[field] for letter, field in CHOICE_FIELDS.items()}
@@ -165,13 +163,7 @@ def build_seed_bench(
 
 def _load(path: Path) -> tuple[list[Any], dict[int, str]]:
     """The question list and ``dimension id -> name``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"SEED-Bench annotation file {path} does not exist")
-    try:
-        with path.open(encoding="utf-8") as file:
-            content = json.load(file)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    content = load_json(path, "SEED-Bench annotations")
     if not isinstance(content, dict) or not isinstance(content.get("questions"), list):
         raise ValueError(f"{path}: expected an object with a 'questions' list (SEED-Bench.json)")
     table = content.get("question_type", DIMENSIONS)
@@ -180,24 +172,22 @@ def _load(path: Path) -> tuple[list[Any], dict[int, str]]:
     return content["questions"], {v: k for k, v in table.items()}
 
 
-def _check(item: Any, names: dict[int, str], where: str) -> None:
+def _check(item: Any, names: dict[int, str]) -> None:
     if not isinstance(item, dict):
-        raise ValueError(f"{where}: expected an object, got {type(item).__name__}")
+        raise ValueError(f"expected an object, got {type(item).__name__}")
     for field in STRING_FIELDS:
         if not isinstance(item.get(field), str):
-            raise ValueError(f"{where}: '{field}' must be a string, got {item.get(field)!r}")
-    qid = item.get("question_id")
-    if isinstance(qid, bool) or not isinstance(qid, (str, int)) or str(qid) == "":
-        raise ValueError(f"{where}: 'question_id' must be a non-empty string or integer, got {qid!r}")
+            raise ValueError(f"'{field}' must be a string, got {item.get(field)!r}")
+    id_field(item, "question_id")
     type_id = item.get("question_type_id")
     if isinstance(type_id, bool) or not isinstance(type_id, int) or type_id not in names:
-        raise ValueError(f"{where}: question_type_id {type_id!r} is not a known dimension {sorted(names)}")
+        raise ValueError(f"question_type_id {type_id!r} is not a known dimension {sorted(names)}")
     if item["answer"] not in LETTERS:
-        raise ValueError(f"{where}: answer must be one of {LETTERS}, got {item['answer']!r}")
+        raise ValueError(f"answer must be one of {LETTERS}, got {item['answer']!r}")
     if item["data_type"] not in DATA_TYPES:
-        raise ValueError(f"{where}: data_type must be one of {DATA_TYPES}, got {item['data_type']!r}")
+        raise ValueError(f"data_type must be one of {DATA_TYPES}, got {item['data_type']!r}")
     if not item["data_id"]:
-        raise ValueError(f"{where}: empty data_id")
+        raise ValueError("empty data_id")
 
 
 def _media_path(folder: Path, data_id: str, data_type: str) -> Path:
