@@ -18,6 +18,7 @@ from moka_train.data.caching import open_caches
 from moka_train.data.collate import MultimodalCollator
 from moka_train.data.dataset import MultimodalDataset
 from moka_train.data.media import build_media_loader
+from moka_train.data.records import check_media
 from moka_train.models.build import build_multimodal_lm
 from tests.test_media import write_video
 
@@ -139,3 +140,21 @@ def test_cache_is_keyed_by_the_configuration(avqa_root, tmp_path):
     dataset = MultimodalDataset(records, caches=open_caches(tmp_path, {**visual, "audio": {}}, media))
     with pytest.raises(KeyError, match="record 'music_avqa/test/1'.*not in the feature cache"):
         dataset[0]
+
+
+def test_unreadable_media_are_named_or_skipped(avqa_root, tmp_path):
+    """A corrupt mp4 passes the existence check, and the probe catches it: an error naming the file and the
+    record, or its records left out and counted."""
+    import shutil
+
+    root = tmp_path / "avqa"
+    shutil.copytree(avqa_root, root)
+    broken = root / "MUSIC-AVQA-Videos" / "00000002.mp4"
+    broken.write_bytes(broken.read_bytes()[:200])  # the header is cut: nothing decodes
+    records = instantiate(data_config(root).builder)
+    assert len(check_media(records, "error")) == 3  # it exists
+    with pytest.raises(FileNotFoundError, match=r"record 'music_avqa/test/3' cannot read .*00000002\.mp4"):
+        check_media(records, "error", probe=True)
+    with pytest.warns(UserWarning, match=r"skipped 1 of 3 records whose media are missing or unreadable"):
+        kept = check_media(records, "skip", probe=True)
+    assert [r.id for r in kept] == ["music_avqa/test/1", "music_avqa/test/2"]

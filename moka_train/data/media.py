@@ -541,3 +541,18 @@ def build_media_loader(media: Mapping[str, Any], visual_encoder: Any | None = No
     if visual_encoder is None:
         return MediaLoader(**media)
     return MediaLoader.from_visual_encoder(visual_encoder, **media)
+
+
+def probe_media(ref: MediaRef) -> None:
+    """Raise (naming the file) unless ``ref`` opens and its first frame of the needed kind decodes: a cheap
+    check of a whole dataset before a run, which catches missing streams, broken headers and most truncated
+    files (a file cut in its last seconds still passes; extraction and caching decode everything)."""
+    source = _source(ref)
+    if ref.kind == "image":
+        read_image(source, name=ref.path)
+        return
+    with _opened(source, ref.path) as container:
+        stream = _video_stream(container, ref.path) if ref.kind == "video" else _audio_stream(container, ref.path)
+        for _ in container.decode(stream):
+            return
+        raise ValueError(f"{ref.path} has no decodable {ref.kind} frame")

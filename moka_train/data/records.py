@@ -13,7 +13,6 @@ import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from moka_train.data.sample import PLACEHOLDER_PATTERN
@@ -82,29 +81,47 @@ class Record:
         )
 
 
-def check_media(records: Iterable[Record], on_missing: str = "error", source: str = "") -> list[Record]:
-    """Records whose media files exist. ``on_missing="error"``: the first missing file is an error naming it
+def check_media(
+    records: Iterable[Record], on_missing: str = "error", source: str = "", probe: bool = False
+) -> list[Record]:
+    """Records whose media files exist (and, with ``probe``, open and decode a first frame: PyAV, about a
+    millisecond per file). ``on_missing="error"``: the first missing or unreadable file is an error naming it
     and its record; ``"skip"``: such records are left out, counted and reported in one warning."""
     if on_missing not in ON_MISSING:
         raise ValueError(f"on_missing must be one of {ON_MISSING}, got {on_missing!r}")
+    prefix = f"{source}: " if source else ""
     kept, skipped = [], []
     for record in records:
-        missing = next((ref.path for ref in record.media if ref.data is None and not os.path.isfile(ref.path)), None)
-        if missing is None:
+        problem = _media_problem(record, probe)
+        if problem is None:
             kept.append(record)
         elif on_missing == "error":
             raise FileNotFoundError(
-                f"{source + ': ' if source else ''}record {record.id!r} needs {missing}, which does not exist "
-                "(on_missing: skip leaves such records out)"
+                f"{prefix}record {record.id!r} {problem} (on_missing: skip leaves such records out)"
             )
         else:
-            skipped.append((record.id, missing))
+            skipped.append((record.id, problem))
     if skipped:
-        shown = ", ".join(f"{rid} ({Path(path).name})" for rid, path in skipped[:5])
+        shown = "; ".join(f"{rid}: {problem}" for rid, problem in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         warnings.warn(
-            f"{source + ': ' if source else ''}skipped {len(skipped)} of {len(kept) + len(skipped)} records whose "
-            f"media are missing: {shown}{more}",
+            f"{prefix}skipped {len(skipped)} of {len(kept) + len(skipped)} records whose media are missing or "
+            f"unreadable: {shown}{more}",
             stacklevel=2,
         )
     return kept
+
+
+def _media_problem(record: Record, probe: bool) -> str | None:
+    for ref in record.media:
+        if ref.data is None and not os.path.isfile(ref.path):
+            return f"needs {ref.path}, which does not exist"
+    if probe:
+        from moka_train.data.media import probe_media  # media imports this module
+
+        for ref in record.media:
+            try:
+                probe_media(ref)
+            except (OSError, ValueError) as error:
+                return f"cannot read {ref.path}: {error}"
+    return None
