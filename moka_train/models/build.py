@@ -64,13 +64,14 @@ def build_multimodal_lm(
         inject_adapters(backbone, adapter)
 
     hidden_size = backbone.get_input_embeddings().embedding_dim
-    torch.manual_seed(seed)
-    projectors = {
-        name: QFormerProjector(
-            ProjectorConfig(encoder_width=width, llm_hidden_size=hidden_size, **dict(projector or {}))
-        )
-        for name, width in sorted(widths.items())
-    }
+    with torch.random.fork_rng(devices=[]):  # seeded projectors without resetting the caller's RNG
+        torch.manual_seed(seed)
+        projectors = {
+            name: QFormerProjector(
+                ProjectorConfig(encoder_width=width, llm_hidden_size=hidden_size, **dict(projector or {}))
+            )
+            for name, width in sorted(widths.items())
+        }
     placeholders = {name: ids for name, ids in tokens.placeholder_ids().items() if name in projectors}
     model = MultimodalLM(backbone, projectors, placeholders, tokens.added_token_ids, encoders)
     if stage is not None:
