@@ -1,0 +1,1 @@
+"""Training: the recipe's building blocks (DeepSpeed configuration, learning-rate schedule, ...)."""

@@ -1,0 +1,79 @@
+"""DeepSpeed configurations: JSON files in ``configs/deepspeed/`` completed from our config, never the other
+way round.
+
+The files hold what is DeepSpeed's business (ZeRO stage, offload, bucket sizes). What our config owns is
+filled in here: the batch sizes, the precision and the gradient clipping. A file may leave those ``"auto"``
+or absent; a concrete value that disagrees with ours is an error naming the key, not a silent winner.
+Optimizer and scheduler blocks are refused: our optimizer and learning-rate schedule are handed to the
+engine, so a ``WarmupDecayLR`` in a JSON cannot replace the configured schedule (the official code's bug),
+and DeepSpeed's fused optimizers (JIT-compiled) are not needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUTO = "auto"
+_REFUSED = {
+    "scheduler": "the learning-rate schedule comes from the training config (schedule, warmup_ratio)",
+    "optimizer": "the optimizer comes from the training config (lr, weight_decay, betas)",
+}
+
+
+def load_deepspeed_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """A preset name from ``configs/deepspeed`` (``zero2``, ``zero2_offload``, ``zero3``) or a JSON path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{path}.json"
+    if not path.is_file():
+        presets = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist (presets: {presets})")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return config
+
+
+def _fill(config: dict[str, Any], key: str, value: Any, source: str) -> None:
+    current = config.get(key, AUTO)
+    if current != AUTO and current != value:
+        raise ValueError(f'{source}: {key} is {current!r}, but the training config gives {value!r}; set it to "auto"')
+    config[key] = value
+
+
+def resolve_deepspeed_config(
+    config: dict[str, Any],
+    *,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int,
+    world_size: int,
+    precision: str,
+    gradient_clipping: float,
+    source: str = "DeepSpeed config",
+) -> dict[str, Any]:
+    """A copy of ``config`` with our batch sizes, precision and clipping filled in (see the module doc)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    for key, reason in _REFUSED.items():
+        if key in config:
+            raise ValueError(f"{source} has a {key!r} block; remove it: {reason}")
+    resolved = copy.deepcopy(config)
+    _fill(resolved, "train_micro_batch_size_per_gpu", int(micro_batch_size), source)
+    _fill(resolved, "gradient_accumulation_steps", int(gradient_accumulation_steps), source)
+    _fill(resolved, "train_batch_size", int(micro_batch_size) * int(gradient_accumulation_steps) * world_size, source)
+    # DeepSpeed clips at 1.0 when the key is absent: always say what we want.
+    _fill(resolved, "gradient_clipping", float(gradient_clipping), source)
+    for name in ("bf16", "fp16"):
+        block = dict(resolved.get(name) or {})
+        _fill(block, "enabled", precision == name, f"{source} [{name}]")
+        resolved[name] = block
+    return resolved
