@@ -1,0 +1,196 @@
+"""Run checkpoints: written atomically, the last K kept, resumed only when asked and only into the same run.
+
+    <run_dir>/checkpoints/
+        step-00000100/
+            trainables/        ``save_trainables``: what evaluation loads, without DeepSpeed
+            state/             the engine's resume state (optimizer, scheduler; DeepSpeed shards per rank)
+            rng/rank-00000.pt  torch, CUDA, numpy and Python RNG states of each rank
+            meta.json          step, data position, the run's config and its fingerprint; written last
+        .staging-step-00000100/   a save in progress: never read, removed by the next save
+
+Every rank writes its part into the staging directory; then rank 0 writes ``meta.json`` and renames the
+directory into place. A kill at any moment leaves either the new checkpoint complete or the previous ones
+untouched, and ``latest`` only ever returns directories with a ``meta.json``.
+
+``resolve_resume("auto" | <path> | "none", ...)`` is explicit: ``auto`` resumes the latest checkpoint of
+this run directory, and any resume is refused when the checkpoint was written under another configuration
+(the keys that differ are named), so a run never silently continues a different one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moka_train.checkpoint_io import write_atomic
+
+FORMAT_VERSION = 1
+META_NAME = "meta.json"
+PREFIX = "step-"
+STAGING_PREFIX = ".staging-"
+
+
+def step_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def config_fingerprint(config: Mapping[str, Any]) -> str:
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _no_barrier() -> None:
+    return None
+
+
+class CheckpointManager:
+    """Checkpoints of one run under ``run_dir/checkpoints``; ``keep_last`` complete ones are kept.
+
+    In a distributed run every rank calls ``save`` (the ``write`` callback writes that rank's part) and
+    ``barrier`` synchronises them (``torch.distributed.barrier``)."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        keep_last: int = 2,
+        rank: int = 0,
+        barrier: Callable[[], None] = _no_barrier,
+    ) -> None:
+        if keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
+        self.directory = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.rank = rank
+        self.barrier = barrier
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.glob(f"{PREFIX}*") if p.is_dir() and (p / META_NAME).is_file()]
+        return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+    def latest(self) -> Path | None:
+        done = self.checkpoints()
+        return done[-1] if done else None
+
+    def save(self, step: int, meta: Mapping[str, Any], write: Callable[[Path], None]) -> Path:
+        """Write checkpoint ``step``: ``write(staging_dir)`` on every rank, then ``meta`` and the rename on
+        rank 0, then the oldest checkpoints beyond ``keep_last`` are removed."""
+        final = self.directory / step_name(step)
+        staging = self.directory / f"{STAGING_PREFIX}{step_name(step)}"
+        if self.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob(f"{STAGING_PREFIX}*"):
+                shutil.rmtree(stale)  # saves killed half-way: never complete, never read
+            staging.mkdir()
+        self.barrier()
+        write(staging)
+        self.barrier()
+        if self.rank == 0:
+            record = {"format_version": FORMAT_VERSION, "step": step, **meta}
+            text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+            write_atomic(staging / META_NAME, lambda tmp: Path(tmp).write_text(text))
+            if final.exists():  # the same step saved again (a resumed run re-reaching it)
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            for old in self.checkpoints()[: -self.keep_last]:
+                shutil.rmtree(old)
+        self.barrier()
+        return final
+
+
+def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    path = Path(checkpoint) / META_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no {META_NAME})")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {meta.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        keys = sorted(set(saved) | set(current))
+        return [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
+    return [] if saved == current else [f"{prefix[:-1]}: {saved!r} -> {current!r}"]
+
+
+def resolve_resume(resume: str, manager: CheckpointManager, config: Mapping[str, Any]) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh start.
+
+    ``none``: fresh. ``auto``: the latest complete checkpoint of this run directory (fresh when it has
+    none). A path: that checkpoint, which must be complete. Either way its saved config must equal
+    ``config`` (the run's resolved config, minus settings allowed to change on resume, such as ``resume``)."""
+    if resume == "none":
+        return None
+    checkpoint = manager.latest() if resume == "auto" else Path(resume)
+    if checkpoint is None:
+        return None
+    meta = read_meta(checkpoint)
+    current = json.loads(json.dumps(config, default=str))
+    if meta.get("config_fingerprint") != config_fingerprint(current):
+        changed = _differences(meta.get("config", {}), current)
+        shown = "; ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
+        raise ValueError(
+            f"resume={resume}: {checkpoint} was written by a run with another configuration ({shown}); start a "
+            "new run directory, or resume=none to start over here"
+        )
+    return checkpoint
+
+
+def checkpoint_meta(config: Mapping[str, Any], **position: Any) -> dict[str, Any]:
+    """What ``save`` records besides the weights: the data position (epoch, batches consumed, sampler seed,
+    ...) and the run's config with its fingerprint, which ``resolve_resume`` compares."""
+    current = json.loads(json.dumps(config, default=str))
+    return {"config": current, "config_fingerprint": config_fingerprint(current), **position}
+
+
+# -- random states ---------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Every RNG's state as tensors and plain values (loadable with ``torch.load(weights_only=True)``)."""
+    version, words, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(words), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rng(directory: str | os.PathLike, rank: int) -> None:
+    path = Path(directory) / "rng" / f"rank-{rank:05d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: torch.save(rng_state(), tmp))
+
+
+def load_rng(directory: str | os.PathLike, rank: int) -> None:
+    path = Path(directory) / "rng" / f"rank-{rank:05d}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint was written with another number of ranks?")
+    set_rng_state(torch.load(path, weights_only=True))

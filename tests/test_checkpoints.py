@@ -1,0 +1,95 @@
+"""Run checkpoints: atomic saves (a failure mid-save keeps the previous checkpoint), the last K kept,
+explicit resume refused across configurations, and RNG states that replay the same random draws."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moka_train.training.checkpoints import (
+    CheckpointManager,
+    checkpoint_meta,
+    load_rng,
+    read_meta,
+    resolve_resume,
+    save_rng,
+)
+
+CONFIG = {"stage": "instruct", "adapter": {"method": "moka", "rank": 4}, "lr": 1e-4}
+
+
+def write_weights(value: float):
+    def write(directory: Path) -> None:
+        (directory / "state").mkdir()
+        torch.save({"w": torch.full((2,), value)}, directory / "state" / "weights.pt")
+
+    return write
+
+
+def test_save_keep_last_and_latest(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    assert manager.latest() is None
+    for step in (10, 20, 30):
+        manager.save(step, checkpoint_meta(CONFIG, epoch=0, batches=step), write_weights(step))
+    assert [p.name for p in manager.checkpoints()] == ["step-00000020", "step-00000030"]
+    latest = manager.latest()
+    assert read_meta(latest)["batches"] == 30 and read_meta(latest)["step"] == 30
+    assert torch.equal(torch.load(latest / "state" / "weights.pt")["w"], torch.full((2,), 30.0))
+
+
+def test_a_failure_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save(10, checkpoint_meta(CONFIG), write_weights(10))
+
+    def dies_half_way(directory: Path) -> None:
+        write_weights(20)(directory)
+        raise KeyboardInterrupt  # a kill between the weights and the meta
+
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(20, checkpoint_meta(CONFIG), dies_half_way)
+    assert manager.latest().name == "step-00000010"  # the half-written step 20 is never returned
+    assert (tmp_path / "checkpoints" / ".staging-step-00000020").is_dir()
+    assert resolve_resume("auto", manager, CONFIG) == manager.latest()
+    manager.save(20, checkpoint_meta(CONFIG), write_weights(20))
+    assert not list((tmp_path / "checkpoints").glob(".staging-*"))  # the next save cleans up
+    assert [p.name for p in manager.checkpoints()] == ["step-00000010", "step-00000020"]
+
+
+def test_resume_is_explicit_and_refuses_another_configuration(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    assert resolve_resume("auto", manager, CONFIG) is None  # nothing yet: a fresh start
+    manager.save(5, checkpoint_meta(CONFIG), write_weights(5))
+    assert resolve_resume("none", manager, CONFIG) is None
+    assert resolve_resume("auto", manager, CONFIG) == manager.latest()
+    assert resolve_resume(str(manager.latest()), manager, CONFIG) == manager.latest()
+    other = {**CONFIG, "adapter": {"method": "lora", "rank": 4}}
+    with pytest.raises(ValueError, match=r"another configuration \(adapter.method: 'moka' -> 'lora'\)"):
+        resolve_resume("auto", manager, other)
+    with pytest.raises(FileNotFoundError, match="is not a complete checkpoint"):
+        resolve_resume(str(tmp_path / "checkpoints" / "step-00000099"), manager, CONFIG)
+    with pytest.raises(ValueError, match="keep_last must be >= 1"):
+        CheckpointManager(tmp_path, keep_last=0)
+
+
+def draws() -> list:
+    return [random.random(), float(np.random.rand()), float(torch.rand(1))]
+
+
+def test_rng_states_replay_the_same_draws(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    draws()
+    save_rng(tmp_path, rank=0)
+    expected = [draws() for _ in range(3)]
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    load_rng(tmp_path, rank=0)
+    assert [draws() for _ in range(3)] == expected
+    with pytest.raises(FileNotFoundError, match="rank-00001.pt is missing"):
+        load_rng(tmp_path, rank=1)
