@@ -269,6 +269,11 @@ def test_wandb_offline_run_read_back_resumes_same_id_and_no_network(tmp_path, no
         logged(logger, range(1, 4))
     with RunLogger(run, 6, backend="wandb", config=config, project="moka-test", initial_step=3, bar=False) as logger:
         logged(logger, range(4, 7), part=1)
+    # finish() returns once the run's exit is acknowledged, which can come before wandb's service process has
+    # written its buffered records to run-<id>.wandb; teardown stops the service, closing the files.
+    import wandb
+
+    wandb.teardown()
 
     run_id = (run / "wandb_run_id").read_text().strip()
     # One directory per part, each with the same run id (W&B adds "-1" when both start in the same second).
