@@ -1,0 +1,2 @@
+"""Evaluation: greedy answers for a benchmark's questions (``generate``) and their exact-match accuracy
+per question type (``accuracy``)."""

@@ -1,0 +1,196 @@
+"""Greedy answers for every question of an inference dataset, sharded over the ranks of a run.
+
+``generate_predictions`` batches the dataset's samples (prompts rendered with the generation prompt, left-padded),
+runs ``MultimodalLM.generate`` and decodes the new tokens. Rank r of w takes the indices ``r, r + w, r + 2w, ...``:
+every question is answered exactly once over the ranks (no padding duplicates), so ``gather_predictions``
+simply concatenates the ranks' lists and sorts them back into dataset order. ``write_predictions`` writes them
+as JSONL, atomically.
+
+One prediction per question::
+
+    {"index": 3, "id": "music_avqa/test/4", "prediction": "two", "answer": "two", <the record's metadata>...}
+
+``answer`` is the record's target text (its final assistant turn, which the inference dataset drops from the
+prompt; ``<answer>X</answer>`` for a tagged target), falling back to ``metadata["answer"]`` for a record without
+one; it replaces a metadata field of the same name. A sample too long for the collator's ``max_length`` (with
+``on_overflow="drop"``) is not generated for but still gets its entry, with an empty prediction and
+``"dropped": True``, so it counts as wrong instead of vanishing from the denominator.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from moka_train.checkpoint_io import write_atomic
+from moka_train.data.collate import MultimodalCollator
+from moka_train.models.mllm import zero3_partitioned
+
+
+def target_text(record: Any) -> str | None:
+    """The record's target: its final assistant turn, else ``metadata["answer"]``, else None."""
+    messages = getattr(record, "messages", None) or []
+    if messages and messages[-1].get("role") == "assistant":
+        return messages[-1]["content"]
+    answer = (getattr(record, "metadata", None) or {}).get("answer")
+    return None if answer is None else str(answer)
+
+
+def shard_indices(length: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The dataset indices rank ``rank`` of ``world_size`` answers: ``range(rank, length, world_size)``."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    return list(range(rank, length, world_size))
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    return value
+
+
+def _fits(collator: MultimodalCollator, sample: Any) -> bool:
+    """Whether the collator keeps ``sample``: with ``on_overflow="drop"`` it is checked here, before collating,
+    so that a batch of only too-long samples is skipped rather than refused (``"error"``: the collator raises)."""
+    if collator.max_length is None or collator.on_overflow != "drop":
+        return True
+    length = len(collator.encode(sample))
+    if length <= collator.max_length:
+        return True
+    warnings.warn(
+        f"sample {sample.id!r} is {length} tokens long with its media expanded, over max_length "
+        f"{collator.max_length}: no prediction (counted as wrong)",
+        stacklevel=3,
+    )
+    return False
+
+
+def _filler(dataset: Any, indices: Sequence[int], collator: MultimodalCollator) -> Any:
+    """A sample to generate on and discard: this rank's first that fits, else the dataset's first."""
+    for index in [*indices, 0]:
+        sample = dataset[index]
+        if collator.max_length is None or len(collator.encode(sample)) <= collator.max_length:
+            return sample
+    return sample
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
+
+
+def generate_predictions(
+    model: nn.Module,
+    dataset: Any,
+    collator: MultimodalCollator,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    **generation_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Greedy predictions for this rank's shard of ``dataset`` (a ``MultimodalDataset`` built with
+    ``inference=True``), in dataset order; see the module docstring for the fields.
+
+    ``collator`` must pad on the left (``padding_side="left"``) and its tokenizer decodes the answers
+    (``skip_special_tokens=True``, stripped). EOS and pad ids are the tokenizer's; ``generation_kwargs`` go to
+    ``MultimodalLM.generate`` (e.g. ``num_beams``) and override them. The model runs in eval mode under
+    ``torch.no_grad`` and gets its training mode back afterwards. Under ZeRO-3 every forward gathers
+    parameters from all ranks, so a rank whose shard needs fewer batches runs filler batches (one sample,
+    results discarded) until every rank has made the same number of ``generate`` calls.
+    """
+    if getattr(dataset, "inference", True) is not True:
+        raise ValueError(
+            "generate_predictions needs a dataset built with inference=True (prompts without the answer turn)"
+        )
+    if collator.padding_side != "left":
+        raise ValueError(f"generation needs left padding; the collator pads {collator.padding_side!r}")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    indices = shard_indices(len(dataset), rank, world_size)
+    batches = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
+    steps = len(batches)
+    in_step = world_size > 1 and zero3_partitioned(model)  # every rank must call generate as often
+    if in_step:
+        # Rank 0 holds the largest shard, ceil(len / world_size); every rank can compute its batch count alone.
+        steps = math.ceil(math.ceil(len(dataset) / world_size) / batch_size)
+    tokenizer = collator.tokenizer
+    settings = {
+        "max_new_tokens": max_new_tokens,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **generation_kwargs,
+    }
+    records = getattr(dataset, "records", None)
+    device = _model_device(model)
+    predictions: list[dict[str, Any]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for step in tqdm(range(steps), desc="generating", unit="batch", disable=not progress or rank != 0):
+                chunk = batches[step] if step < len(batches) else []
+                samples = [dataset[index] for index in chunk]
+                fits = [_fits(collator, sample) for sample in samples]
+                kept = [sample for sample, fit in zip(samples, fits, strict=True) if fit]
+                answers: list[str] = []
+                if kept or in_step:  # under ZeRO-3 a filler batch (nothing to answer) keeps the ranks in step
+                    batch = collator(kept or [_filler(dataset, indices, collator)])
+                    new_tokens = model.generate(_to_device(batch, device), **settings)
+                    if kept:
+                        answers = tokenizer.batch_decode(new_tokens.cpu(), skip_special_tokens=True)
+                answer = iter(answers)
+                for index, sample, fit in zip(chunk, samples, fits, strict=True):
+                    record = records[index] if records is not None else sample
+                    predictions.append(
+                        {
+                            **dict(sample.metadata),
+                            "index": index,
+                            "id": sample.id,
+                            "prediction": next(answer).strip() if fit else "",
+                            "answer": target_text(record),
+                            **({} if fit else {"dropped": True}),
+                        }
+                    )
+    finally:
+        model.train(was_training)
+    return predictions
+
+
+def gather_predictions(predictions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's predictions on every rank, in dataset order (by ``"index"``), under an initialised
+    ``torch.distributed`` process group; else ``predictions`` as they are."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(predictions)
+    shards: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(shards, list(predictions))
+    merged = sorted((p for shard in shards for p in shard), key=lambda p: p["index"])
+    seen = [p["index"] for p in merged]
+    if len(set(seen)) != len(seen):
+        raise ValueError("the ranks' predictions repeat dataset indices: were they sharded with the same world size?")
+    return merged
+
+
+def write_predictions(path: str | Path, predictions: Sequence[dict[str, Any]]) -> Path:
+    """Write ``predictions`` as JSON lines (UTF-8, one per question) to ``path``, atomically; returns the path.
+    Values JSON cannot hold (a Path, say) are written as their ``str``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(p, ensure_ascii=False, default=str) + "\n" for p in predictions)
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    write_atomic(path, write)
+    return path
