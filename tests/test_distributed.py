@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,54 +24,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.launch import TIMEOUT_S, describe, run, torchrun
+
 pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed" / "train_steps.py"
 GENERATE_WORKER = ROOT / "tests" / "distributed" / "generate_steps.py"
 WORLD_SIZE = 2
-TIMEOUT_S = 180
 LOSS_RTOL = 1e-4
 WEIGHT_ATOL = 1e-5
 # Layers x target modules x (A text, A visual, A audio, shared B) of the worker's tiny Llama.
 ADAPTER_TENSORS = 2 * 7 * 4
-
-
-def _environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        DS_ACCELERATOR="cpu",  # DeepSpeed on the CPU (gloo), also on machines with a GPU
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
-    )
-    return env
-
-
-def _run(command: list[str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
-    """Run ``command`` in its own process group; on timeout kill the whole group (torchrun and its
-    workers). Returns the exit code and the combined output."""
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        return -signal.SIGKILL, f"{output}\n[timed out after {timeout} s]"
-    return process.returncode, output
-
-
-def _describe(command: list[str], returncode: int, output: str) -> str:
-    return f"`{' '.join(command)}` exited with {returncode}; last output:\n{output[-8000:]}"
 
 
 def _train(mode: str, out_dir: Path, *extra: str, timeout: float = TIMEOUT_S) -> tuple[dict, str]:
@@ -82,25 +43,12 @@ def _train(mode: str, out_dir: Path, *extra: str, timeout: float = TIMEOUT_S) ->
     if mode == "single":
         command = [sys.executable, str(WORKER), mode, str(out_dir), *extra]
     else:
-        command = _torchrun(WORKER, mode, str(out_dir), *extra)
-    returncode, output = _run(command, timeout)
+        command = torchrun(WORKER, mode, str(out_dir), *extra, nproc=WORLD_SIZE)
+    returncode, output = run(command, timeout)
     record_path = out_dir / "losses.json"
     if returncode != 0 or not record_path.is_file():
-        raise AssertionError(_describe(command, returncode, output))
+        raise AssertionError(describe(command, returncode, output))
     return json.loads(record_path.read_text()), output
-
-
-def _torchrun(worker: Path, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(WORLD_SIZE),
-        str(worker),
-        *args,
-    ]
 
 
 def _generate(mode: str, out_dir: Path) -> tuple[int, str, dict[int, dict]]:
@@ -109,8 +57,8 @@ def _generate(mode: str, out_dir: Path) -> tuple[int, str, dict[int, dict]]:
     if mode == "single":
         command = [sys.executable, str(GENERATE_WORKER), mode, str(out_dir)]
     else:
-        command = _torchrun(GENERATE_WORKER, mode, str(out_dir))
-    returncode, output = _run(command)
+        command = torchrun(GENERATE_WORKER, mode, str(out_dir), nproc=WORLD_SIZE)
+    returncode, output = run(command)
     records = {
         rank: json.loads(path.read_text())
         for rank in range(WORLD_SIZE)
@@ -121,7 +69,7 @@ def _generate(mode: str, out_dir: Path) -> tuple[int, str, dict[int, dict]]:
         for path in sorted(out_dir.glob("rank*_stuck.txt"))
         if path.stat().st_size
     )
-    return returncode, _describe(command, returncode, output + stuck), records
+    return returncode, describe(command, returncode, output + stuck), records
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:

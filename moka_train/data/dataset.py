@@ -25,7 +25,8 @@ class MultimodalDataset(Dataset):
     """``records`` with their media from ``loader`` (raw media) or ``caches`` (modality -> FeatureCache).
 
     ``inference=True`` drops a final assistant turn (the target stays in the record's metadata), so the
-    collator renders the prompt with the generation prompt.
+    collator renders the prompt with the generation prompt. ``zero_media=True`` replaces every media item by
+    zeros of its shape: the blind control, which shows what a model learns without looking or listening.
     """
 
     def __init__(
@@ -34,6 +35,7 @@ class MultimodalDataset(Dataset):
         loader: MediaSource | None = None,
         caches: Mapping[str, FeatureCache] | None = None,
         inference: bool = False,
+        zero_media: bool = False,
     ) -> None:
         if (loader is None) == (caches is None):
             raise ValueError("give either a media loader (raw media) or feature caches, not both or neither")
@@ -41,6 +43,7 @@ class MultimodalDataset(Dataset):
         self.loader = loader
         self.caches = None if caches is None else {Modality.parse(m).key: c for m, c in caches.items()}
         self.inference = inference
+        self.zero_media = zero_media
         if self.caches is not None:
             needed = {ref.modality for record in self.records for ref in record.media}
             missing = sorted(needed - set(self.caches))
@@ -65,7 +68,7 @@ class MultimodalDataset(Dataset):
                     item, mask = self.caches[ref.modality].get(ref)
             except (OSError, ValueError, KeyError) as error:
                 raise type(error)(f"record {record.id!r}: {error}") from error
-            media.setdefault(ref.modality, []).append(item)
+            media.setdefault(ref.modality, []).append(torch.zeros_like(item) if self.zero_media else item)
             masks.setdefault(ref.modality, []).append(mask)
         feature_masks = {
             name: [

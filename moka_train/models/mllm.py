@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,30 @@ def zero3_partitioned(module: nn.Module) -> bool:
 
 def _world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def encode_modality(encoder: nn.Module, batch: Mapping[str, Any], modality: str) -> tuple[Tensor, Tensor | None]:
+    """The frozen encoder's features (and mask) of the batch's raw ``modality`` media, without gradients."""
+    with torch.no_grad():
+        return encoder.encode_segments(batch["media"][modality], batch.get("media_lengths", {}).get(modality))
+
+
+def encode_media(encoders: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` with its raw media replaced by the encoders' features: what a feature cache would give.
+    Training runs the encoders here, outside the model DeepSpeed wraps, so ZeRO-3 never partitions them (a
+    rank without audio in its micro-batch would otherwise skip the audio encoder's parameter gathers that
+    the other ranks wait on), and no memory goes to their gradients or optimizer state."""
+    media = batch.get("media", {})
+    if not media:
+        return dict(batch)
+    out = {k: v for k, v in batch.items() if k not in ("media", "media_lengths")}
+    features, masks = dict(batch.get("features", {})), dict(batch.get("feature_masks", {}))
+    for modality in media:
+        features[modality], mask = encode_modality(encoders[modality], batch, modality)
+        if mask is not None:
+            masks[modality] = mask
+    out["features"], out["feature_masks"] = features, masks
+    return out
 
 
 @dataclass
@@ -127,10 +152,7 @@ class MultimodalLM(nn.Module):
                 f"the batch has raw {modality} media but the model has no {modality} encoder (it was built for "
                 "cached features)"
             )
-        with torch.no_grad():
-            return self.encoders[modality].encode_segments(
-                batch["media"][modality], batch.get("media_lengths", {}).get(modality)
-            )
+        return encode_modality(self.encoders[modality], batch, modality)
 
     def embed_inputs(self, batch: Mapping[str, Tensor | Mapping]) -> Tensor:
         """Token embeddings with every placeholder position replaced by its projector token."""
@@ -153,6 +175,11 @@ class MultimodalLM(nn.Module):
                     raise ValueError(
                         f"input_ids hold {slots} <{name}> placeholders but the batch has no {name} features or media"
                     )
+                # Every projector runs on every forward, whatever modalities this batch holds: ZeRO-3 ranks
+                # then gather the same parameters in the same order (a rank that skipped one would leave the
+                # others waiting in its all-gather), and DDP sees every parameter used. It adds exactly zero.
+                idle = projector(embeds.new_zeros(1, 1, projector.config.encoder_width))
+                embeds = embeds + idle.sum().to(embeds.dtype) * 0
                 continue
             tokens = projector(*self.encoder_features(batch, name))  # [segments, queries, hidden]
             segments, per_segment = tokens.shape[:2]

@@ -1,4 +1,5 @@
-"""DeepSpeed configurations: JSON files in ``configs/deepspeed/`` completed from our config, never the other
+"""DeepSpeed configurations: JSON files in ``configs/deepspeed/`` (chosen with the Hydra group of the same
+name: ``deepspeed=zero3`` reads zero3.yaml, which names zero3.json) completed from our config, never the other
 way round.
 
 The files hold what is DeepSpeed's business (ZeRO stage, offload, bucket sizes). What our config owns is
@@ -31,6 +32,8 @@ def load_deepspeed_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{path}.json"
+    elif not path.is_absolute() and not path.is_file():
+        path = CONFIG_DIR / path  # `json: zero2.json` in the Hydra group configs/deepspeed/*.yaml
     if not path.is_file():
         presets = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
         raise FileNotFoundError(f"DeepSpeed config {path} does not exist (presets: {presets})")

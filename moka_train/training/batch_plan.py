@@ -1,0 +1,97 @@
+"""Which samples every rank reads at every optimizer step: the data order, exactly resumable.
+
+Each epoch is one permutation of the dataset, drawn from ``(seed, epoch)`` alone, cut into global batches of
+``global_batch_size`` samples. Global batch ``s`` is split by position: micro-step ``a`` of rank ``r`` reads
+positions ``[(a * world + r) * micro, ... + micro)``. So one optimizer step always sees the same samples,
+however many ranks and accumulation steps share it; with the loss normalised by the step's global label count
+(DESIGN.md), 1 process and N processes compute the same update. A resumed run recomputes the permutation
+and starts at the next global batch: the data order is a pure function of the position, which the checkpoint
+keeps (``epoch``, ``step_in_epoch``).
+
+The samples left after the last full global batch of an epoch (fewer than ``global_batch_size``) are not
+trained in that epoch; the next epoch's permutation puts others last. ``describe()`` says how many.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    num_samples: int
+    global_batch_size: int
+    micro_batch_size: int
+    world_size: int
+    seed: int
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        per_pass = self.micro_batch_size * self.world_size
+        if self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ValueError("stage.global_batch_size and stage.micro_batch_size must be >= 1")
+        if self.global_batch_size % per_pass:
+            raise ValueError(
+                f"stage.global_batch_size={self.global_batch_size} is not a multiple of stage.micro_batch_size="
+                f"{self.micro_batch_size} x {self.world_size} ranks = {per_pass}"
+            )
+        if self.num_samples < self.global_batch_size:
+            raise ValueError(
+                f"the dataset has {self.num_samples} samples, fewer than one global batch "
+                f"(stage.global_batch_size={self.global_batch_size})"
+            )
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.world_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch_size
+
+    def describe(self) -> str:
+        left = self.num_samples - self.steps_per_epoch * self.global_batch_size
+        return (
+            f"{self.num_samples} samples, {self.steps_per_epoch} steps per epoch of {self.global_batch_size} "
+            f"({self.world_size} ranks x {self.micro_batch_size} x {self.accumulation_steps} accumulation)"
+            + (f"; {left} samples per epoch wait for the next epoch's shuffle" if left else "")
+        )
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def micro_batches(self, epoch: int, step_in_epoch: int, rank: int) -> list[list[int]]:
+        """The ``accumulation_steps`` micro-batches (dataset indices) of ``rank`` in one optimizer step."""
+        start = step_in_epoch * self.global_batch_size
+        batch = self.order(epoch)[start : start + self.global_batch_size].tolist()
+        m = self.micro_batch_size
+        return [
+            batch[(a * self.world_size + rank) * m : (a * self.world_size + rank + 1) * m]
+            for a in range(self.accumulation_steps)
+        ]
+
+
+class PlanSampler(Sampler[list[int]]):
+    """A batch sampler for ``DataLoader(batch_sampler=...)``: this rank's micro-batches from a position on,
+    through ``epochs`` epochs (or ``max_steps`` optimizer steps in all)."""
+
+    def __init__(
+        self, plan: BatchPlan, rank: int, epochs: int, start_step: int = 0, max_steps: int | None = None
+    ) -> None:
+        self.plan, self.rank, self.start_step = plan, rank, start_step
+        self.total_steps = plan.steps_per_epoch * epochs if max_steps is None else max_steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.total_steps):
+            epoch, in_epoch = divmod(step, self.plan.steps_per_epoch)
+            yield from self.plan.micro_batches(epoch, in_epoch, self.rank)
+
+    def __len__(self) -> int:
+        return (self.total_steps - self.start_step) * self.plan.accumulation_steps

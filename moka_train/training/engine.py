@@ -1,0 +1,159 @@
+"""Two ways to run the optimizer, behind one small interface: the DeepSpeed engine (ZeRO-2, ZeRO-2 with CPU
+offload, ZeRO-3) or plain PyTorch (DDP across ranks, or one process).
+
+We drive DeepSpeed's engine directly rather than through accelerate: the engine takes our optimizer and our
+learning-rate schedule as objects (no scheduler block can silently replace it), the batch sizes come from one
+place (``resolve_deepspeed_config``), and on a CPU it needs no launcher flags (accelerate's DeepSpeed plugin
+mis-sizes the batch there, see stack_cpu.md section 5c).
+
+The loss contract: the training loop passes each micro-batch's loss as ``summed token losses / the step's
+global label count``. The update must use the sum of those over ranks and micro-batches, so each engine undoes
+its own averaging: DDP and DeepSpeed average gradients over ranks (x world size), and DeepSpeed divides by the
+accumulation steps unless told not to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from moka_train.models.mllm import MultimodalLM, MultimodalOutput
+from moka_train.models.trainables import load_trainables
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TorchEngine:
+    """One process, or DDP across processes; bf16 through autocast over fp32 weights."""
+
+    def __init__(
+        self,
+        model: MultimodalLM,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        device: torch.device,
+        world_size: int,
+        precision: str,
+        gradient_clipping: float,
+    ) -> None:
+        if precision == "fp16":
+            raise ValueError("stage.precision=fp16 needs DeepSpeed (its loss scaler): use bf16, or deepspeed=zero2")
+        self.module = model.to(device)
+        self.device = device
+        self.world_size = world_size
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.gradient_clipping = gradient_clipping
+        self.autocast_dtype = PRECISIONS[precision] if precision != "fp32" else None
+        # Every projector runs on every step (MultimodalLM does), so no parameter goes unused.
+        self.wrapped = DistributedDataParallel(model) if world_size > 1 else model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def micro_step(self, last: bool) -> Iterator[None]:
+        """Gradients are all-reduced only on the step's last micro-batch."""
+        sync = contextlib.nullcontext() if last or self.world_size == 1 else self.wrapped.no_sync()
+        with sync:
+            yield
+
+    def forward(self, batch: dict[str, Any], label_normalizer: int) -> MultimodalOutput:
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.wrapped(batch, label_normalizer=label_normalizer)
+
+    def backward(self, loss: Tensor) -> None:
+        (loss * self.world_size).backward()
+
+    def step(self, skip: bool = False) -> None:
+        if not skip:
+            if self.gradient_clipping > 0:
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.gradient_clipping)
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save_state(self, directory: Path, rank: int) -> None:
+        """Optimizer and scheduler (identical on every rank: rank 0 writes); the weights are the trainables."""
+        if rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            torch.save(
+                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                directory / "optimizer.pt",
+            )
+
+    def load_state(self, directory: Path, trainables: Path) -> None:
+        load_trainables(self.module, trainables)
+        state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class DeepSpeedEngine:
+    """DeepSpeed's engine with our optimizer (trainable parameters only) and our scheduler."""
+
+    TAG = "engine"
+
+    def __init__(
+        self,
+        model: MultimodalLM,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        config: dict[str, Any],
+        world_size: int,
+    ) -> None:
+        import deepspeed
+
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
+        if self.scheduler is not scheduler:
+            raise RuntimeError("DeepSpeed replaced the learning-rate scheduler; remove its scheduler block")
+        self.module: MultimodalLM = self.engine.module
+        self.device = self.engine.device
+        self.world_size = world_size
+
+    @contextlib.contextmanager
+    def micro_step(self, last: bool) -> Iterator[None]:
+        yield  # DeepSpeed counts micro-steps itself and reduces at the accumulation boundary
+
+    def forward(self, batch: dict[str, Any], label_normalizer: int) -> MultimodalOutput:
+        return self.engine(batch, label_normalizer=label_normalizer)
+
+    def backward(self, loss: Tensor) -> None:
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        # DeepSpeed's step() is per micro-batch: it counts them and applies the update (and our scheduler's
+        # step) only at the accumulation boundary.
+        self.engine.step()
+
+    def step(self, skip: bool = False) -> None:
+        if skip:
+            raise RuntimeError("DeepSpeed cannot skip an optimizer step here (checked at start)")
+        # Nothing left: the last micro-batch's engine.step() applied the update.
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save_state(self, directory: Path, rank: int) -> None:
+        # Every rank writes its optimizer shard; the frozen backbone is not saved (the trainables are).
+        self.engine.save_checkpoint(str(directory), tag=self.TAG, exclude_frozen_parameters=True)
+
+    def load_state(self, directory: Path, trainables: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory),
+            tag=self.TAG,
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if path is None:
+            raise FileNotFoundError(f"{directory} holds no DeepSpeed checkpoint {self.TAG!r}")
+
+
+Engine = TorchEngine | DeepSpeedEngine

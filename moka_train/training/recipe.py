@@ -1,0 +1,415 @@
+"""The training recipe: one function, read top to bottom, for both stages.
+
+    train(cfg)   # cfg: the composed configs/train.yaml (scripts/train.py is the Hydra entry point)
+
+1. join the process group (or run alone) and pick the run directory;
+2. build the records, the frozen encoders, the feature caches when configured, and the model;
+3. plan the data order (``BatchPlan``), the optimizer over the trainable parameters and our schedule;
+4. resume when asked; then step: every micro-batch's loss is divided by the step's global label count;
+5. checkpoint (atomic, last K) and, at the end, the trainables for evaluation in ``<run_dir>/trainables``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from moka_train.checkpoint_io import write_atomic
+from moka_train.data.caching import fill_feature_caches, open_caches
+from moka_train.data.collate import MultimodalCollator
+from moka_train.data.dataset import MultimodalDataset
+from moka_train.data.media import build_media_loader
+from moka_train.data.records import Record, check_media
+from moka_train.models.build import build_multimodal_lm
+from moka_train.models.mllm import IGNORE_INDEX, MultimodalLM, encode_media
+from moka_train.models.trainables import PARTS, load_trainables, save_trainables
+from moka_train.training.batch_plan import BatchPlan, PlanSampler
+from moka_train.training.checkpoints import (
+    CheckpointManager,
+    checkpoint_meta,
+    load_rng,
+    read_meta,
+    resolve_resume,
+    save_rng,
+)
+from moka_train.training.deepspeed_config import load_deepspeed_config, resolve_deepspeed_config
+from moka_train.training.distributed import (
+    DistributedContext,
+    all_reduce_sum,
+    broadcast_object,
+    init_distributed,
+    shutdown_distributed,
+)
+from moka_train.training.engine import DeepSpeedEngine, Engine, TorchEngine
+from moka_train.training.guards import check_loss
+from moka_train.training.run_logger import RunLogger
+from moka_train.training.schedule import SCHEDULES, build_lr_scheduler
+
+logger = logging.getLogger("moka_train.train")
+
+STAGES = ("pretrain", "instruct")
+# Settings a resumed run may change: where and how it logs, how it loads data, when it saves, fault injection.
+RESUMABLE_CHANGES = ("resume", "logger", "loader.num_workers", "checkpoint", "fault", "features.fill", "probe_media")
+FAULT_EXIT_CODE = 17
+
+
+# -- configuration checks ----------------------------------------------------------------------------
+def check_config(cfg: DictConfig) -> None:
+    """Values Hydra cannot check (it already refuses unknown keys), each error naming its key."""
+    stage = cfg.stage
+    if stage.name not in STAGES:
+        raise ValueError(f"stage.name must be one of {STAGES}, got {stage.name!r}")
+    if stage.name == "pretrain" and cfg.get("adapter") is not None:
+        raise ValueError(
+            "stage=pretrain trains the projectors only: drop adapter=... (adapters train in stage=instruct)"
+        )
+    if stage.name == "instruct" and cfg.get("adapter") is None:
+        raise ValueError("stage=instruct trains an adapter: choose one, e.g. adapter=moka or adapter=lora")
+    positive = {
+        "stage.epochs": stage.epochs,
+        "stage.global_batch_size": stage.global_batch_size,
+        "stage.micro_batch_size": stage.micro_batch_size,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+    }
+    for key, value in positive.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if stage.max_steps is not None and (not isinstance(stage.max_steps, int) or stage.max_steps < 1):
+        raise ValueError(f"stage.max_steps must be a positive integer or null, got {stage.max_steps!r}")
+    if not (isinstance(stage.lr, (int, float)) and stage.lr > 0):
+        raise ValueError(f"stage.lr must be a positive number, got {stage.lr!r}")
+    if stage.schedule not in SCHEDULES:
+        raise ValueError(f"stage.schedule must be one of {SCHEDULES}, got {stage.schedule!r}")
+    if not 0 <= stage.warmup_ratio < 1:
+        raise ValueError(f"stage.warmup_ratio must be in [0, 1), got {stage.warmup_ratio!r}")
+    if stage.precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"stage.precision must be fp32, bf16 or fp16, got {stage.precision!r}")
+    if stage.weight_decay < 0 or stage.gradient_clipping < 0:
+        raise ValueError("stage.weight_decay and stage.gradient_clipping must be >= 0")
+    if cfg.checkpoint.every_steps < 0:
+        raise ValueError(f"checkpoint.every_steps must be >= 0, got {cfg.checkpoint.every_steps!r}")
+    if cfg.on_nonfinite not in ("error", "skip"):
+        raise ValueError(f"on_nonfinite must be error or skip, got {cfg.on_nonfinite!r}")
+    if cfg.on_nonfinite == "skip" and cfg.deepspeed.json is not None:
+        raise ValueError(
+            "on_nonfinite=skip needs deepspeed=none: DeepSpeed's engine cannot leave out one optimizer step in "
+            "bf16 / fp32; use on_nonfinite=error with DeepSpeed"
+        )
+    if not isinstance(cfg.resume, str) or not cfg.resume:
+        raise ValueError(f"resume must be auto, none or a checkpoint path, got {cfg.resume!r}")
+    if cfg.resume == "auto" and cfg.run_dir is None:
+        raise ValueError("resume=auto resumes the run in run_dir: give run_dir=<the run's directory>")
+
+
+def init_entries(init_from: Any) -> list[dict[str, Any]]:
+    """``stage.init_from`` as a list of ``{path, modalities, parts}``: a path string loads every projector
+    and the added tokens (and an adapter if the checkpoint has one)."""
+    if init_from is None:
+        return []
+    entries = [init_from] if isinstance(init_from, str) else list(init_from)
+    out = []
+    for i, entry in enumerate(entries):
+        entry = {"path": entry} if isinstance(entry, str) else dict(entry)
+        unknown = sorted(set(entry) - {"path", "modalities", "parts"})
+        if unknown or "path" not in entry:
+            raise ValueError(f"stage.init_from[{i}] takes path, modalities, parts; got {sorted(entry)}")
+        parts = entry.get("parts")
+        if parts is not None and not set(parts) <= set(PARTS):
+            raise ValueError(f"stage.init_from[{i}].parts must be among {PARTS}, got {list(parts)}")
+        out.append(entry)
+    return out
+
+
+# -- run directory and logging ------------------------------------------------------------------------
+def pick_run_dir(cfg: DictConfig, ctx: DistributedContext) -> Path:
+    chosen = cfg.run_dir
+    if chosen is None and ctx.is_main:
+        chosen = f"outputs/{cfg.stage.name}-{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    return Path(str(broadcast_object(chosen, ctx))).resolve()
+
+
+def setup_logging(run_dir: Path, ctx: DistributedContext) -> None:
+    """Rank 0 logs to the console and ``<run_dir>/train.log``; other ranks log warnings only."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if not ctx.is_main:
+        logging.basicConfig(level=logging.WARNING, format=f"[rank {ctx.rank}] %(levelname)s %(name)s: %(message)s")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    formatter = logging.Formatter("[%(asctime)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "train.log")):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)  # third-party INFO chatter (open_clip's model building) stays out
+    logging.getLogger("moka_train").setLevel(logging.INFO)
+
+
+def fingerprinted_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config minus the settings a resumed run may change."""
+    config = json.loads(json.dumps(config, default=str))
+    for dotted in RESUMABLE_CHANGES:
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.get(key, {})
+        node.pop(leaf, None)
+    return config
+
+
+# -- data and model -----------------------------------------------------------------------------------
+def build_data_and_model(
+    cfg: DictConfig, ctx: DistributedContext
+) -> tuple[MultimodalDataset, MultimodalLM, MultimodalCollator, dict[str, torch.nn.Module]]:
+    """The dataset, the model, the collator and the frozen encoders of the raw media (empty with a cache)."""
+    records: list[Record] = list(instantiate(cfg.data.builder))
+    if not records:
+        raise ValueError(f"data.builder ({cfg.data.builder._target_}) gave no records")
+    if cfg.probe_media:
+        records = check_media(records, "error", source="probe_media", probe=True)
+    needed = sorted({ref.modality for record in records for ref in record.media})
+    encoder_cfgs = cfg.get("encoder") or {}
+    missing = [m for m in needed if m not in encoder_cfgs]
+    if missing:
+        raise ValueError(f"the data has {missing} media but no encoder for them: add encoder/{missing[0]}=<preset>")
+    encoders = {m: instantiate(encoder_cfgs[m]) for m in needed}  # frozen, eval mode
+    media_cfg = OmegaConf.to_container(cfg.data.media, resolve=True)
+    loader = build_media_loader(media_cfg, encoders.get("visual"))
+
+    # The model never holds the encoders: raw media are encoded in the training loop (encode_media), outside
+    # the module DeepSpeed wraps and partitions, or once into the feature cache.
+    encoder_widths = {m: int(e.hidden_size) for m, e in encoders.items()}
+    if cfg.features.cache_dir is None:
+        dataset = MultimodalDataset(records, loader=loader, zero_media=cfg.blind)
+        encoders = {m: e.to(ctx.device) for m, e in encoders.items()}
+    else:
+        plain_encoders = {m: OmegaConf.to_container(encoder_cfgs[m], resolve=True) for m in needed}
+        if cfg.features.fill:
+            caches = open_caches(cfg.features.cache_dir, plain_encoders, media_cfg)
+            device = ctx.device if ctx.device.type == "cuda" else "cpu"
+            fill_feature_caches(
+                records,
+                {m: e.to(device) for m, e in encoders.items()},
+                caches,
+                loader,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+                device=device,
+            )
+            ctx.barrier()
+        caches = open_caches(cfg.features.cache_dir, plain_encoders, media_cfg)  # with every rank's shards
+        dataset = MultimodalDataset(records, caches=caches, zero_media=cfg.blind)
+        encoders = {}  # done: the features are cached
+
+    backbone = instantiate(cfg.model.backbone)
+    tokenizer = instantiate(cfg.model.tokenizer)
+    adapter = instantiate(cfg.adapter) if cfg.get("adapter") is not None else None
+    model = build_multimodal_lm(
+        backbone,
+        tokenizer,
+        encoders=None,
+        projector=OmegaConf.to_container(cfg.projector, resolve=True),
+        adapter=adapter,
+        chat_template=cfg.model.chat_template,
+        encoder_widths=encoder_widths,
+        stage=cfg.stage.name,
+        seed=cfg.seed,
+    )
+    for entry in init_entries(
+        OmegaConf.to_container(cfg.stage.init_from, resolve=True)
+        if OmegaConf.is_config(cfg.stage.init_from)
+        else cfg.stage.init_from
+    ):
+        loaded = load_trainables(model, entry["path"], parts=entry.get("parts"), modalities=entry.get("modalities"))
+        logger.info("initialised from %s: %s", entry["path"], {k: len(v) for k, v in loaded.items()})
+    if cfg.stage.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    collator = MultimodalCollator(
+        tokenizer,
+        {m: model.projectors[m].config.num_queries for m in model.projectors},
+        max_length=cfg.loader.max_length,
+        on_overflow=cfg.loader.on_overflow,
+        padding_side="right",
+        media_kind="raw" if cfg.features.cache_dir is None else "features",
+    )
+    return dataset, model, collator, encoders
+
+
+def build_engine(
+    cfg: DictConfig, model: MultimodalLM, plan: BatchPlan, total_steps: int, ctx: DistributedContext
+) -> Engine:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.deepspeed.json is None:
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.stage.lr, weight_decay=cfg.stage.weight_decay)
+        scheduler = build_lr_scheduler(optimizer, cfg.stage.schedule, total_steps, cfg.stage.warmup_ratio)
+        return TorchEngine(
+            model, optimizer, scheduler, ctx.device, ctx.world_size, cfg.stage.precision, cfg.stage.gradient_clipping
+        )
+    ds_config = resolve_deepspeed_config(
+        load_deepspeed_config(cfg.deepspeed.json),
+        micro_batch_size=plan.micro_batch_size,
+        gradient_accumulation_steps=plan.accumulation_steps,
+        world_size=ctx.world_size,
+        precision=cfg.stage.precision,
+        gradient_clipping=cfg.stage.gradient_clipping,
+        source=f"deepspeed.json={cfg.deepspeed.json}",
+    )
+    offloaded = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    if offloaded and ds_config.get("zero_force_ds_cpu_optimizer", True):
+        # Optimizer states in CPU memory: DeepSpeed's vectorised CPU Adam (AdamW mode, torch's defaults), built
+        # once on first use (about a minute of g++), rather than torch's AdamW looping over offloaded partitions.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(trainable, lr=cfg.stage.lr, weight_decay=cfg.stage.weight_decay, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.stage.lr, weight_decay=cfg.stage.weight_decay)
+    scheduler = build_lr_scheduler(optimizer, cfg.stage.schedule, total_steps, cfg.stage.warmup_ratio)
+    return DeepSpeedEngine(model, optimizer, scheduler, ds_config, ctx.world_size)
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, Mapping):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        return value
+
+    return {key: move(value) for key, value in batch.items()}
+
+
+def label_count(batch: Mapping[str, Any]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+# -- the loop -----------------------------------------------------------------------------------------
+def train(cfg: DictConfig) -> Path:
+    """Run one stage; returns the run directory (``<run_dir>/trainables`` holds the result)."""
+    check_config(cfg)
+    ctx = init_distributed(use_deepspeed=cfg.deepspeed.json is not None)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
+    run_dir = pick_run_dir(cfg, ctx)
+    setup_logging(run_dir, ctx)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    resume_config = fingerprinted_config(config)
+    manager = CheckpointManager(run_dir, cfg.checkpoint.keep_last, ctx.rank, ctx.barrier)
+    checkpoint = resolve_resume(cfg.resume, manager, resume_config)
+    if cfg.resume == "none" and manager.latest() is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints: resume=auto continues that run; choose another run_dir to "
+            "start a new one"
+        )
+    if ctx.is_main:
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+        write_atomic(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+    logger.info("run directory %s (%d rank(s) on %s)", run_dir, ctx.world_size, ctx.device)
+
+    torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+    dataset, model, collator, encoders = build_data_and_model(cfg, ctx)
+    plan = BatchPlan(len(dataset), cfg.stage.global_batch_size, cfg.stage.micro_batch_size, ctx.world_size, cfg.seed)
+    total_steps = plan.steps_per_epoch * cfg.stage.epochs if cfg.stage.max_steps is None else cfg.stage.max_steps
+    logger.info("data: %s; %d optimizer steps", plan.describe(), total_steps)
+    engine = build_engine(cfg, model, plan, total_steps, ctx)
+
+    start_step = 0
+    if checkpoint is not None:
+        engine.load_state(checkpoint / "state", checkpoint / "trainables")
+        load_rng(checkpoint, ctx.rank)
+        start_step = int(read_meta(checkpoint)["step"])
+        logger.info("resumed from %s at step %d", checkpoint, start_step)
+
+    def save(step: int) -> None:
+        def write(directory: Path) -> None:
+            save_trainables(engine.module, directory / "trainables")
+            engine.save_state(directory / "state", ctx.rank)
+            if cfg.fault.exit_during_save_at_step == step:
+                logger.warning("fault injection: exiting in the middle of saving step %d", step)
+                os._exit(FAULT_EXIT_CODE)
+            save_rng(directory, ctx.rank)
+
+        epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+        meta = checkpoint_meta(resume_config, epoch=epoch, step_in_epoch=in_epoch, data_seed=plan.seed)
+        path = manager.save(step, meta, write)
+        logger.info("saved %s", path)
+
+    sampler = PlanSampler(plan, ctx.rank, cfg.stage.epochs, start_step, cfg.stage.max_steps)
+    batches = iter(
+        DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collator,
+            num_workers=cfg.loader.num_workers,
+            pin_memory=ctx.device.type == "cuda",
+            # Its own generator: a DataLoader iterator otherwise draws its worker seed from the global RNG,
+            # which a resumed run has just restored for dropout.
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+    )
+    engine.module.train()
+    run_log = RunLogger.from_config(
+        OmegaConf.to_container(cfg.logger, resolve=True),
+        run_dir,
+        total_steps,
+        config=config,
+        initial_step=start_step,
+        rank=ctx.rank,
+    )
+    failed = True
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            started, lr = time.monotonic(), engine.lr()  # the rate this step uses
+            micro_batches = [
+                encode_media(encoders, to_device(next(batches), engine.device)) for _ in range(plan.accumulation_steps)
+            ]
+            counts = torch.tensor([sum(label_count(b) for b in micro_batches)], dtype=torch.float64)
+            global_labels = int(all_reduce_sum(counts).item())
+            loss_sum, tokens, skip = torch.zeros((), dtype=torch.float64), 0, False
+            for i, batch in enumerate(micro_batches):
+                with engine.micro_step(last=i == len(micro_batches) - 1):
+                    output = engine.forward(batch, label_normalizer=max(global_labels, 1))
+                    if cfg.fault.nonfinite_loss_at_step == step:
+                        output.loss = output.loss * float("nan")
+                    if not check_loss(output.loss, step, batch["ids"], cfg.on_nonfinite):
+                        skip = True
+                        break
+                    engine.backward(output.loss)
+                loss_sum += output.loss.detach().double().cpu()
+                tokens += int(batch["attention_mask"].sum())
+            engine.step(skip=skip)
+            totals = all_reduce_sum(torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64))
+            metrics = {"lr": lr, "tokens": totals[1].item(), "step_time": time.monotonic() - started}
+            if not skip:
+                metrics["loss"] = totals[0].item()
+            run_log.log(step, metrics)
+            if cfg.fault.exit_after_step == step:
+                logger.warning("fault injection: exiting after step %d", step)
+                os._exit(FAULT_EXIT_CODE)
+            every = cfg.checkpoint.every_steps
+            if step == total_steps or (every and step % every == 0):
+                save(step)
+        save_trainables(engine.module, run_dir / "trainables")
+        failed = False
+    finally:
+        run_log.close(failed=failed)
+    logger.info("trainables for evaluation: %s", run_dir / "trainables")
+    return run_dir

@@ -1,0 +1,68 @@
+"""Launching training processes from tests: one process, or torchrun (CPU, gloo), killed as a group on timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 180
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DS_ACCELERATOR="cpu",  # DeepSpeed on the CPU (gloo), also on machines with a GPU
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
+    )
+    return env
+
+
+def run(command: list[str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
+    """Run ``command``; returns the exit code and the combined output. On timeout, SIGTERM first (torchrun
+    passes it on to its workers, which run in sessions of their own), then SIGKILL the process group. The
+    output goes through a file, not a pipe: a stray worker keeping a pipe open would block the test forever."""
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=environment(), stdout=log, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            returncode = process.wait(timeout=timeout)
+            note = ""
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            returncode, note = -signal.SIGKILL, f"\n[timed out after {timeout} s]"
+        log.seek(0)
+        return returncode, log.read() + note
+
+
+def describe(command: list[str], returncode: int, output: str) -> str:
+    return f"`{' '.join(command)}` exited with {returncode}; last output:\n{output[-8000:]}"
+
+
+def torchrun(
+    script: Path | str, *args: str, nproc: int = 2, launcher: tuple[str, ...] = ("--standalone",)
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launcher,
+        "--nproc_per_node",
+        str(nproc),
+        str(script),
+        *args,
+    ]
