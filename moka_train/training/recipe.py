@@ -171,9 +171,10 @@ def fingerprinted_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 # -- data and model -----------------------------------------------------------------------------------
 def build_data_and_model(
-    cfg: DictConfig, ctx: DistributedContext
+    cfg: DictConfig, ctx: DistributedContext, inference: bool = False
 ) -> tuple[MultimodalDataset, MultimodalLM, MultimodalCollator, dict[str, torch.nn.Module]]:
-    """The dataset, the model, the collator and the frozen encoders of the raw media (empty with a cache)."""
+    """The dataset, the model, the collator and the frozen encoders of the raw media (empty with a cache).
+    ``inference``: prompts without their answers, left-padded, for generation."""
     records: list[Record] = list(instantiate(cfg.data.builder))
     if not records:
         raise ValueError(f"data.builder ({cfg.data.builder._target_}) gave no records")
@@ -192,7 +193,7 @@ def build_data_and_model(
     # the module DeepSpeed wraps and partitions, or once into the feature cache.
     encoder_widths = {m: int(e.hidden_size) for m, e in encoders.items()}
     if cfg.features.cache_dir is None:
-        dataset = MultimodalDataset(records, loader=loader, zero_media=cfg.blind)
+        dataset = MultimodalDataset(records, loader=loader, inference=inference, zero_media=cfg.blind)
         encoders = {m: e.to(ctx.device) for m, e in encoders.items()}
     else:
         plain_encoders = {m: OmegaConf.to_container(encoder_cfgs[m], resolve=True) for m in needed}
@@ -210,7 +211,7 @@ def build_data_and_model(
             )
             ctx.barrier()
         caches = open_caches(cfg.features.cache_dir, plain_encoders, media_cfg)  # with every rank's shards
-        dataset = MultimodalDataset(records, caches=caches, zero_media=cfg.blind)
+        dataset = MultimodalDataset(records, caches=caches, inference=inference, zero_media=cfg.blind)
         encoders = {}  # done: the features are cached
 
     backbone = instantiate(cfg.model.backbone)
@@ -235,13 +236,14 @@ def build_data_and_model(
         loaded = load_trainables(model, entry["path"], parts=entry.get("parts"), modalities=entry.get("modalities"))
         logger.info("initialised from %s: %s", entry["path"], {k: len(v) for k, v in loaded.items()})
     if cfg.stage.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: the inputs (projector tokens, added-token rows) already require grad through the graph.
+        model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     collator = MultimodalCollator(
         tokenizer,
         {m: model.projectors[m].config.num_queries for m in model.projectors},
         max_length=cfg.loader.max_length,
         on_overflow=cfg.loader.on_overflow,
-        padding_side="right",
+        padding_side="left" if inference else "right",
         media_kind="raw" if cfg.features.cache_dir is None else "features",
     )
     return dataset, model, collator, encoders

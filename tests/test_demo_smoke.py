@@ -1,0 +1,28 @@
+"""The demo script end to end at smoke size: data written, stage 1, stage 2 from stage 1's trainables, greedy
+answers on the test videos scored per question type (whether it learns needs the full-size demo: README)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.launch import ROOT, describe, run
+
+pytestmark = pytest.mark.distributed
+
+
+def test_demo_runs_both_stages_and_scores_the_test_split(tmp_path):
+    data, out = tmp_path / "demo_data", tmp_path / "demo"
+    command = [sys.executable, str(ROOT / "scripts" / "demo.py"), "--data", str(data), "--out", str(out),
+               "--videos", "24", "--steps", "2", "--adapters", "moka", "logger.bar=false"]  # fmt: skip
+    returncode, output = run(command, timeout=300)
+    assert returncode == 0, describe(command, returncode, output)
+    assert "stage.init_from=" + str(out / "stage1" / "trainables") in output
+    results = json.loads((out / "results.json").read_text())
+    scores = results["stage2_moka"]
+    test = [json.loads(line) for line in (out / "stage2_moka" / "predictions_test.jsonl").read_text().splitlines()]
+    assert scores["overall"]["total"] == len(test) > 0
+    assert scores["overall"]["correct"] == sum(p["prediction"].strip().lower() == p["answer"].lower() for p in test)
+    assert (out / "stage1" / "trainables").is_dir() and (out / "stage2_moka" / "loss_curve.png").is_file()
