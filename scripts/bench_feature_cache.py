@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 
 from moka_train.adapters import AdapterConfig
 from moka_train.data.caching import fill_feature_caches, open_caches
-from moka_train.data.collate import MultimodalCollator
+from moka_train.data.collate import MultimodalCollator, batch_to_device
 from moka_train.data.dataset import MultimodalDataset
 from moka_train.data.datasets.music_avqa import build_music_avqa
 from moka_train.data.media import build_media_loader
@@ -132,18 +132,6 @@ def build_model(args: argparse.Namespace, device: torch.device):
     return model, tokenizer, {"visual": clip_cfg, "audio": beats_cfg}
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            moved[key] = value.to(device)
-        elif isinstance(value, dict):
-            moved[key] = {k: v.to(device) for k, v in value.items()}
-        else:
-            moved[key] = value
-    return moved
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -155,7 +143,7 @@ def time_steps(model, optimizer, dataset, collator, batches: list[list[int]], de
     for step, indices in enumerate(batches):
         sync(device)
         start = time.perf_counter()
-        batch = to_device(collator([dataset[i] for i in indices]), device)
+        batch = batch_to_device(collator([dataset[i] for i in indices]), device)
         loss = model(batch).loss
         loss.backward()
         optimizer.step()
@@ -168,7 +156,7 @@ def time_steps(model, optimizer, dataset, collator, batches: list[list[int]], de
 
 def first_loss(model, dataset, collator, indices: list[int], device) -> float:
     with torch.no_grad():
-        return float(model(to_device(collator([dataset[i] for i in indices]), device)).loss)
+        return float(model(batch_to_device(collator([dataset[i] for i in indices]), device)).loss)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -388,3 +388,14 @@ class MultimodalCollator:
         if masks:
             batch["feature_masks"] = masks
         return batch
+
+
+def batch_to_device(value: Any, device: torch.device | str) -> Any:
+    """A collated batch (or any part of it) with every tensor on ``device``; ids, metadata and counts stay."""
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, Mapping):
+        return {key: batch_to_device(item, device) for key, item in value.items()}
+    if isinstance(value, list):
+        return [batch_to_device(item, device) for item in value]
+    return value

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from moka_train.checkpoint_io import write_atomic
-from moka_train.data.collate import MultimodalCollator
+from moka_train.data.collate import MultimodalCollator, batch_to_device
 from moka_train.models.mllm import zero3_partitioned
 
 
@@ -49,14 +49,6 @@ def shard_indices(length: int, rank: int = 0, world_size: int = 1) -> list[int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
     return list(range(rank, length, world_size))
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    return value
 
 
 def _fits(collator: MultimodalCollator, sample: Any) -> bool:
@@ -147,7 +139,7 @@ def generate_predictions(
                 answers: list[str] = []
                 if kept or in_step:  # under ZeRO-3 a filler batch (nothing to answer) keeps the ranks in step
                     batch = collator(kept or [_filler(dataset, indices, collator)])
-                    new_tokens = model.generate(_to_device(batch, device), **settings)
+                    new_tokens = model.generate(batch_to_device(batch, device), **settings)
                     if kept:
                         answers = tokenizer.batch_decode(new_tokens.cpu(), skip_special_tokens=True)
                 answer = iter(answers)
