@@ -44,6 +44,11 @@ def _world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
+def count_label_tokens(labels: Tensor) -> int:
+    """The tokens the loss is taken on: labels shifted by one (position t predicts t + 1), ignored ones left out."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 def encode_modality(encoder: nn.Module, batch: Mapping[str, Any], modality: str) -> tuple[Tensor, Tensor | None]:
     """The frozen encoder's features (and mask) of the batch's raw ``modality`` media, without gradients."""
     with torch.no_grad():
@@ -236,7 +241,7 @@ class MultimodalLM(nn.Module):
         if labels is None:
             return MultimodalOutput(None, logits, 0)
         targets = labels[:, 1:]
-        label_count = int((targets != IGNORE_INDEX).sum())
+        label_count = count_label_tokens(labels)
         summed = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )

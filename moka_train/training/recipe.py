@@ -28,12 +28,12 @@ from torch.utils.data import DataLoader
 
 from moka_train.checkpoint_io import write_atomic
 from moka_train.data.caching import fill_feature_caches, open_caches
-from moka_train.data.collate import MultimodalCollator
+from moka_train.data.collate import MultimodalCollator, batch_to_device
 from moka_train.data.dataset import MultimodalDataset
 from moka_train.data.media import build_media_loader
 from moka_train.data.records import Record, check_media
 from moka_train.models.build import build_multimodal_lm
-from moka_train.models.mllm import IGNORE_INDEX, MultimodalLM, encode_media
+from moka_train.models.mllm import MultimodalLM, count_label_tokens, encode_media
 from moka_train.models.trainables import PARTS, load_trainables, save_trainables
 from moka_train.training.batch_plan import BatchPlan, PlanSampler
 from moka_train.training.checkpoints import (
@@ -281,23 +281,6 @@ def build_engine(
     return DeepSpeedEngine(model, optimizer, scheduler, ds_config, ctx.world_size)
 
 
-def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    def move(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.to(device, non_blocking=True)
-        if isinstance(value, Mapping):
-            return {k: move(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [move(v) for v in value]
-        return value
-
-    return {key: move(value) for key, value in batch.items()}
-
-
-def label_count(batch: Mapping[str, Any]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
 # -- the loop -----------------------------------------------------------------------------------------
 def train(cfg: DictConfig) -> Path:
     """Run one stage; returns the run directory (``<run_dir>/trainables`` holds the result)."""
@@ -381,9 +364,10 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
         for step in range(start_step + 1, total_steps + 1):
             started, lr = time.monotonic(), engine.lr()  # the rate this step uses
             micro_batches = [
-                encode_media(encoders, to_device(next(batches), engine.device)) for _ in range(plan.accumulation_steps)
+                encode_media(encoders, batch_to_device(next(batches), engine.device))
+                for _ in range(plan.accumulation_steps)
             ]
-            counts = torch.tensor([sum(label_count(b) for b in micro_batches)], dtype=torch.float64)
+            counts = torch.tensor([sum(count_label_tokens(b["labels"]) for b in micro_batches)], dtype=torch.float64)
             global_labels = int(all_reduce_sum(counts).item())
             loss_sum, tokens, skip = torch.zeros((), dtype=torch.float64), 0, False
             for i, batch in enumerate(micro_batches):
