@@ -22,6 +22,19 @@ def gathered(parameters: Iterable[nn.Parameter], modifier_rank: int | None = Non
     return contextlib.nullcontext()
 
 
+def full_precision(parameter: nn.Parameter) -> torch.Tensor:
+    """The value the optimizer steps: DeepSpeed's fp32 master copy of a trainable parameter when its engine keeps
+    one (bf16 / fp16 with ZeRO-1/2/3; under ZeRO-3 it is a collective, so every rank calls it), else the
+    parameter. Saving the bf16 working copy instead would round the run's result."""
+    if hasattr(parameter, "_hp_mapping") or hasattr(parameter, "_z3_optimizer"):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        master = safe_get_full_fp32_param(parameter)
+        if master is not None:
+            return master
+    return parameter
+
+
 def is_writer() -> bool:
     """Rank 0 of a process group, or a single process: the one that writes files."""
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (

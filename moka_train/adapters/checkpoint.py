@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from moka_train.adapters.config import AdapterConfig
 from moka_train.adapters.model import _find_handle, adapter_handle, adapter_named_parameters, inject_adapters
 from moka_train.adapters.registry import get_method
-from moka_train.checkpoint_io import gathered, is_writer, write_atomic
+from moka_train.checkpoint_io import full_precision, gathered, is_writer, write_atomic
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -44,10 +44,11 @@ _PEFT_UNSUPPORTED = {
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter weights on the CPU, gathered first under ZeRO-3 (call it on every rank there)."""
+    """The adapter weights on the CPU, DeepSpeed's fp32 masters where it keeps them, gathered first under ZeRO-3
+    (call it on every rank there)."""
     named = list(adapter_named_parameters(model))
     with gathered(p for _, p in named):
-        return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in named}
+        return {name: full_precision(p).detach().to("cpu", copy=True).contiguous() for name, p in named}
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from moka_train.adapters import carries_adapters, load_adapter, save_adapter
-from moka_train.checkpoint_io import gathered, is_writer, write_atomic
+from moka_train.checkpoint_io import full_precision, gathered, is_writer, write_atomic
 from moka_train.models.mllm import MultimodalLM
 
 FORMAT_VERSION = 1
@@ -40,14 +40,17 @@ _IGNORED_PROJECTOR_FIELDS = {"dropout"}
 
 
 def trainables_state_dict(model: MultimodalLM) -> dict[str, Tensor]:
-    """Projector and added-token weights on the CPU (gathered first under ZeRO-3: call it on every rank)."""
+    """Projector and added-token weights on the CPU, DeepSpeed's fp32 masters where it keeps them (gathered first
+    under ZeRO-3: call it on every rank)."""
     state = {}
     for name, projector in model.projectors.items():
-        with gathered(projector.parameters()):
+        parameters = dict(projector.named_parameters())
+        with gathered(parameters.values()):
             for key, tensor in projector.state_dict().items():
-                state[f"projectors.{name}.{key}"] = tensor.detach().to("cpu", copy=True).contiguous()
+                value = full_precision(parameters[key]) if key in parameters else tensor
+                state[f"projectors.{name}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
     with gathered([model.embed.weight]):
-        state[ADDED_TOKENS_KEY] = model.embed.weight.detach().to("cpu", copy=True).contiguous()
+        state[ADDED_TOKENS_KEY] = full_precision(model.embed.weight).detach().to("cpu", copy=True).contiguous()
     return state
 
 
