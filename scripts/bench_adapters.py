@@ -33,7 +33,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from moka_train.adapters import AdapterConfig, inject_adapters, set_routing
+from moka_train.benchmarking import SavedTensorMeter, machine_info, synchronize
 from moka_train.modality import Modality
 
 RANK = 4
@@ -360,32 +360,6 @@ class CaseResult:
     rows: list[Row] = field(default_factory=list)
 
 
-class SavedTensorMeter:
-    """Sums the storage bytes of the tensors autograd saves for backward, each storage once, leaving out
-    ``exclude`` (the parameters and buffers, which exist whether or not anything is saved)."""
-
-    def __init__(self, exclude: set[int]) -> None:
-        self.exclude = exclude
-        self.storages: dict[int, int] = {}
-
-    def pack(self, tensor: Tensor) -> Tensor:
-        if tensor.layout == torch.strided and tensor.device.type != "meta":
-            storage = tensor.untyped_storage()
-            pointer = storage.data_ptr()
-            if pointer not in self.exclude:
-                self.storages[pointer] = storage.nbytes()
-        return tensor
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _run_once(work: Workload, grad_out: Tensor, trainable: list[nn.Parameter]) -> None:
     # As an optimizer's zero_grad(set_to_none=True): no gradient accumulation into old buffers.
     for tensor in (*trainable, *work.inputs):
@@ -412,10 +386,10 @@ def measure(name: str, work: Workload, grad_out: Tensor, settings: Settings, rep
 
     times = []
     for _ in range(repeats):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         _run_once(work, grad_out, trainable)
-        _synchronize(device)
+        synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
 
     peak = None
@@ -424,11 +398,11 @@ def measure(name: str, work: Workload, grad_out: Tensor, settings: Settings, rep
         # the delta holds this step's activations, temporaries and new gradients.
         for tensor in (*trainable, *work.inputs):
             tensor.grad = None
-        _synchronize(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         _run_once(work, grad_out, trainable)
-        _synchronize(device)
+        synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
     return Row(name, statistics.median(times), times, meter.total, peak, sum(p.numel() for p in trainable))
 
@@ -564,26 +538,6 @@ def run_case(case: str, settings: Settings, log: Callable[[str], None]) -> CaseR
 # ---------------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------------
-def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def memory_measure(device: torch.device) -> str:
     if device.type == "cuda":
         return "peak torch.cuda.max_memory_allocated over one forward+backward, less the memory allocated before it"

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -67,3 +74,17 @@ def routing_batch(layouts: list[Layout], pad_side: str = "right") -> tuple[torch
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that ignore left padding, as generation computes them."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@contextlib.contextmanager
+def loaded_script(path: Path) -> Iterator[ModuleType]:
+    """A script (``scripts/*.py``, not a package module) imported under its file name for the block; it is in
+    ``sys.modules`` meanwhile, where dataclasses look their module up while the class body runs."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)

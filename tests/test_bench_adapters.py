@@ -3,26 +3,21 @@ loop baseline computes exactly our moka (official settings). No timing assertion
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import loaded_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_adapters.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_adapters", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules while the class body runs.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with loaded_script(SCRIPT) as module:
+        yield module
 
 
 @pytest.fixture(scope="module")
