@@ -61,7 +61,11 @@ logger = logging.getLogger("moka_train.train")
 
 STAGES = ("pretrain", "instruct")
 # Settings a resumed run may change: where and how it logs, how it loads data, when it saves, fault injection.
-RESUMABLE_CHANGES = ("resume", "logger", "loader.num_workers", "checkpoint", "fault", "features.fill", "probe_media")
+# model.architecture only feeds scripts/adapter_costs.py (the weights come from model.backbone).
+RESUMABLE_CHANGES = (
+    "resume", "logger", "loader.num_workers", "checkpoint", "fault", "features.fill", "probe_media",
+    "model.architecture",
+)  # fmt: skip
 FAULT_EXIT_CODE = 17
 
 

@@ -52,16 +52,12 @@ class PerModalityLora(AdaptedLinear):
         ranks = [config.rank_for(m) for m in modalities]
         scales = [config.scaling_for(m) for m in modalities]
         device = base_layer.weight.device
-        self.register_buffer(
-            "column_scale",
-            torch.tensor(scales, device=device).repeat_interleave(torch.tensor(ranks, device=device)),
-            persistent=False,
-        )
-        self.register_buffer(
-            "column_modality",
-            torch.arange(len(modalities), device=device).repeat_interleave(torch.tensor(ranks, device=device)),
-            persistent=False,
-        )
+        # Built from Python values, then placed: a meta tensor (parameter counting without weights) has no
+        # values to repeat by.
+        column_scale = [scale for scale, rank in zip(scales, ranks, strict=True) for _ in range(rank)]
+        column_modality = [index for index, rank in enumerate(ranks) for _ in range(rank)]
+        self.register_buffer("column_scale", torch.tensor(column_scale, device=device), persistent=False)
+        self.register_buffer("column_modality", torch.tensor(column_modality, device=device), persistent=False)
 
     def scaled_down(self, x: Tensor) -> Tensor:
         a = fused_down(x, [layer.weight for layer in self.lora_A.values()])
