@@ -13,6 +13,9 @@ from moka_train.evaluation.metrics import ID_PREFIXES, BenchmarkScore, Unavailab
 
 BOTH = "both"
 SCORE_FILE = "score.json"
+# Beside the score.json of a partial-modality evaluation (adapter path on some modalities only): an analysis of a
+# run, not a result of it, so scripts/make_tables.py leaves it out.
+ADAPTER_PATH_FILE = "adapter_path.json"
 EXAMPLES = 3  # ids quoted per problem in an error message
 
 

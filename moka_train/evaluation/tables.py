@@ -35,9 +35,10 @@ from typing import Any
 
 import yaml
 
+from moka_train.evaluation.scoring import ADAPTER_PATH_FILE, SCORE_FILE
+
 PAPER_NUMBERS = "paper_numbers.csv"
 PAPER_COLUMNS = ("table", "backbone", "benchmark", "method", "adapter", "metric", "value")
-SCORE_FILE = "score.json"  # scripts/score.py, beside a run's predictions.jsonl
 CONFIG_FILE = "config.yaml"  # scripts/train.py, the run's resolved config, in its run_dir
 MISSING = "—"  # a cell the paper reports and we have no run for
 NOT_REPORTED = "n/r"  # a cell the paper leaves empty
@@ -328,6 +329,9 @@ def find_runs(runs_dir: Path, mode: str) -> tuple[list[Run], list[Ignored]]:
     counted: dict[tuple[Path, str], Path] = {}
     for path in score_files:
         folder = path.parent
+        if (folder / ADAPTER_PATH_FILE).is_file():
+            ignored.append(Ignored(folder, "a partial-modality evaluation (adapter path on some modalities only)"))
+            continue
         try:
             benchmark, main, metric = read_score(path, mode)
             config_path = find_config(folder, runs_dir)

@@ -1,0 +1,255 @@
+"""Evaluating a trained run, in steps that scripts/evaluate.py runs once and scripts/partial_modality.py runs once
+per adapter path:
+
+1. ``check_settings``: the run directory and the scoring modes (bad settings are a ``UsageError``, raised before
+   torch is imported);
+2. ``load_run``: the run's model built from ``<run_dir>/config.yaml`` with the data named in the settings, its
+   ``trainables`` loaded, and the dataset of the split to answer;
+3. ``answer``: every question answered once over the ranks (rank r takes r, r + w, ...; no sampler padding),
+   by greedy generation or, for SEED-Bench with ``seed_mode=likelihood``, by the choice with the lowest LM loss;
+   inside ``adapter_path`` for partial-modality inference;
+4. ``write_and_score`` (rank 0): ``predictions.jsonl`` and ``score.json`` in the output folder.
+
+Partial-modality inference keeps the adapter path only for the tokens of chosen modalities (every other token
+sees the frozen W0 alone). Its outputs go to ``<run_dir>/eval/<benchmark>/<split>_adapter-<modalities>/`` with
+an ``adapter_path.json`` beside the score, which tells scripts/make_tables.py that the folder is an analysis,
+not a table cell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from moka_train.evaluation.metrics import BENCHMARKS, MODES, MOKA_COMPAT, OFFICIAL, BenchmarkScore
+from moka_train.evaluation.scoring import (
+    ADAPTER_PATH_FILE,
+    BOTH,
+    SCORE_FILE,
+    UsageError,
+    infer_benchmark,
+    score_modes,
+    write_scores,
+)
+from moka_train.modality import Modality
+
+if TYPE_CHECKING:  # torch and the model stack load in seconds; the refusals of bad settings need not wait
+    from moka_train.models.mllm import MultimodalLM
+    from moka_train.training.distributed import DistributedContext
+
+GENERATE, LIKELIHOOD = "generate", "likelihood"
+SEED_MODES = (GENERATE, LIKELIHOOD)
+# MokA's max_new_tokens per benchmark (benchmarks.md: the VisualText scripts and AudioVisualText inference_cut.py);
+# 500 for the others (MokA has no script for MMAU or AIR-Bench).
+MAX_NEW_TOKENS = {"mme": 50, "pope": 50, "mmbench": 5, "seed_bench": 500, "music_avqa": 500, "ave": 500}
+DEFAULT_MAX_NEW_TOKENS = 500
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+def check_settings(cfg: DictConfig) -> tuple[Path, list[str]]:
+    """The run directory and the scoring modes; bad settings are a UsageError, raised before anything is built."""
+    if cfg.seed_mode not in SEED_MODES:
+        raise UsageError(f"seed_mode must be one of {SEED_MODES}, got {cfg.seed_mode!r}")
+    if cfg.mode not in (*MODES, BOTH):
+        raise UsageError(f"mode must be one of {(*MODES, BOTH)}, got {cfg.mode!r}")
+    if cfg.seed_mode == LIKELIHOOD and cfg.mode == MOKA_COMPAT:
+        raise UsageError("seed_mode=likelihood is scored by the official rule only (MokA generated answers)")
+    if cfg.benchmark is not None and cfg.benchmark not in BENCHMARKS:
+        raise UsageError(f"unknown benchmark {cfg.benchmark!r}; known: {', '.join(BENCHMARKS)}")
+    adapter_modalities(cfg)
+    run_dir = check_run_dir(cfg.run_dir)
+    if cfg.mode == BOTH:
+        modes = [OFFICIAL] if cfg.seed_mode == LIKELIHOOD else list(MODES)
+    else:
+        modes = [cfg.mode]
+    return run_dir, modes
+
+
+def check_run_dir(value: Any, key: str = "run_dir") -> Path:
+    """A finished run of scripts/train.py: a folder with config.yaml and trainables/."""
+    if value is None:
+        raise UsageError(f"{key} is not set: name a run of scripts/train.py ({key}=runs/s2)")
+    run_dir = Path(str(value)).resolve()
+    if not run_dir.is_dir():
+        raise UsageError(f"{key} {run_dir}: no such folder (a run of scripts/train.py)")
+    for needed, what in (("config.yaml", "file"), ("trainables", "folder")):
+        path = run_dir / needed
+        if not (path.is_file() if what == "file" else path.is_dir()):
+            raise UsageError(
+                f"{key} {run_dir} has no {needed} {what}: not a finished run of scripts/train.py (it writes "
+                "config.yaml at the start and trainables/ at the end)"
+            )
+    return run_dir
+
+
+def adapter_modalities(cfg: DictConfig) -> list[str] | None:
+    """``cfg.adapter_modalities``: None (the whole adapter) or the modality names whose tokens keep the adapter
+    path (``[]``: none, the frozen backbone with the trained projectors)."""
+    value = cfg.get("adapter_modalities")
+    if value is None:
+        return None
+    if not isinstance(value, (ListConfig, list, tuple)) or not all(isinstance(m, str) for m in value):
+        raise UsageError(f"adapter_modalities must be a list of modality names (e.g. [text]) or null, got {value!r}")
+    try:
+        return sorted({Modality.parse(m).key for m in value})
+    except ValueError as error:
+        raise UsageError(f"adapter_modalities: {error}") from None
+
+
+def adapter_path_name(modalities: Sequence[str] | None) -> str:
+    """``all`` (None), ``none`` ([]) or the modalities joined by ``+``: the folder suffix and the table's column."""
+    if modalities is None:
+        return "all"
+    return "+".join(sorted(modalities)) if modalities else "none"
+
+
+def run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """The run's config with this evaluation's data, split and features, set up for inference."""
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    if cfg.get("data") is not None:
+        run_cfg.data = cfg.data
+    if cfg.split is not None:
+        run_cfg.data.builder.split = cfg.split
+    if cfg.features is not None:
+        run_cfg.features = OmegaConf.merge(run_cfg.features, cfg.features)
+    run_cfg.stage.init_from = None  # the trainables below hold everything trained
+    run_cfg.stage.gradient_checkpointing = False
+    run_cfg.probe_media = False
+    return run_cfg
+
+
+@dataclass
+class LoadedRun:
+    """A trained run ready to answer a benchmark's questions."""
+
+    run_dir: Path
+    model: MultimodalLM
+    dataset: Any  # MultimodalDataset, inference=True
+    collator: Any  # MultimodalCollator, left padding
+    benchmark: str
+    split: str
+
+
+def load_run(cfg: DictConfig, run_dir: Path, ctx: DistributedContext) -> LoadedRun:
+    """Build the run's model for the data of ``cfg`` and load its trainables, on ``ctx.device``."""
+    from moka_train.models.trainables import load_trainables
+    from moka_train.training.recipe import build_data_and_model
+
+    run_cfg = run_config(cfg, run_dir)
+    dataset, model, collator, encoders = build_data_and_model(run_cfg, ctx, inference=True)
+    benchmark = cfg.benchmark or infer_benchmark([{"id": record.id} for record in dataset.records])
+    if cfg.seed_mode == LIKELIHOOD and benchmark != "seed_bench":
+        raise UsageError(f"seed_mode=likelihood is SEED-Bench's rule; this data is {benchmark}")
+    model.encoders.update(encoders)  # raw media (no feature cache): the model encodes them itself
+    # The projectors of the modalities this data has: a run trained on audio-visual data answers image questions.
+    load_trainables(model, run_dir / "trainables", modalities=sorted(model.projectors))
+    model.to(ctx.device)
+    split = str(run_cfg.data.builder.get("split", "all"))
+    return LoadedRun(run_dir, model, dataset, collator, benchmark, split)
+
+
+def default_out_dir(cfg: DictConfig, run: LoadedRun, path_name: str | None = None) -> Path:
+    """``<run_dir>/eval/<benchmark>/<split>`` (where scripts/make_tables.py looks), with ``_likelihood`` for SEED's
+    likelihood rule and ``_adapter-<path_name>`` for partial-modality inference."""
+    suffix = "_likelihood" if cfg.seed_mode == LIKELIHOOD else ""
+    if path_name is not None:
+        suffix += f"_adapter-{path_name}"
+    return run.run_dir / "eval" / run.benchmark / f"{run.split}{suffix}"
+
+
+@contextlib.contextmanager
+def keep_adapter_path(model: MultimodalLM, modalities: Sequence[str] | None) -> Iterator[None]:
+    """Partial-modality inference for the block: the adapter path only for tokens of ``modalities`` (None: all)."""
+    if modalities is None:
+        yield
+        return
+    from moka_train.adapters import active_modalities, carries_adapters, get_adapter_config
+
+    if not carries_adapters(model.llm):
+        raise UsageError("adapter_modalities limits the adapter path, but this run has no adapter (a stage-1 run)")
+    configured = get_adapter_config(model.llm).modalities
+    unknown = [m for m in modalities if m not in configured]
+    if unknown:
+        raise UsageError(f"adapter_modalities names {unknown}, which the run's adapter has no path for: {configured}")
+    with active_modalities(model.llm, modalities):
+        yield
+
+
+def answer(cfg: DictConfig, run: LoadedRun, ctx: DistributedContext) -> list[dict[str, Any]]:
+    """Every question of ``run.dataset`` answered once over the ranks; every rank gets all, in dataset order."""
+    from moka_train.evaluation.generate import gather_predictions, generate_predictions
+    from moka_train.evaluation.likelihood import likelihood_predictions
+
+    shard = {"batch_size": cfg.batch_size, "rank": ctx.rank, "world_size": ctx.world_size, "progress": cfg.progress}
+    if cfg.seed_mode == LIKELIHOOD:
+        predictions = likelihood_predictions(
+            run.model, run.dataset, run.collator, prompt=cfg.likelihood.prompt, **shard
+        )
+    else:
+        settings = OmegaConf.to_container(cfg.generation, resolve=True)
+        if settings.get("max_new_tokens") is None:
+            settings["max_new_tokens"] = MAX_NEW_TOKENS.get(run.benchmark, DEFAULT_MAX_NEW_TOKENS)
+        predictions = generate_predictions(run.model, run.dataset, run.collator, **shard, **settings)
+    return gather_predictions(predictions)
+
+
+def write_and_score(
+    predictions: list[dict[str, Any]],
+    benchmark: str,
+    modes: Sequence[str],
+    out_dir: Path,
+    adapter_path: tuple[str, Sequence[str] | None] | None = None,
+    verbose: bool = True,
+) -> dict[str, BenchmarkScore]:
+    """Write ``predictions.jsonl`` and ``score.json`` into ``out_dir``; returns ``{mode: score}``. For
+    partial-modality inference ``adapter_path`` is (its name, its modalities or None for all), written to
+    ``adapter_path.json`` beside them."""
+    from moka_train.evaluation.generate import write_predictions
+
+    path = write_predictions(out_dir / PREDICTIONS_FILE, predictions)
+    if adapter_path is not None:
+        # Written before the score: a score.json never sits in an analysis folder without its marker.
+        name, modalities = adapter_path
+        marker = {"name": name, "adapter_modalities": None if modalities is None else list(modalities)}
+        (out_dir / ADAPTER_PATH_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    scores, skipped = score_modes(predictions, benchmark, modes)
+    write_scores(scores, out_dir / SCORE_FILE)
+    if verbose:
+        print(f"wrote {len(predictions)} predictions to {path}")
+        print("\n\n".join(score.format() for score in scores.values()))
+        for note in skipped:
+            print(f"\nnote: {note}")
+        print(f"\nwrote {out_dir / SCORE_FILE}")
+    return scores
+
+
+def evaluate(cfg: DictConfig) -> dict[str, BenchmarkScore]:
+    """Predict, write and score (configs/evaluate.yaml); returns ``{mode: score}`` on rank 0, ``{}`` elsewhere."""
+    run_dir, modes = check_settings(cfg)
+    modalities = adapter_modalities(cfg)
+    from moka_train.training.distributed import init_distributed, shutdown_distributed
+
+    ctx = init_distributed(use_deepspeed=False)
+    try:
+        run = load_run(cfg, run_dir, ctx)
+        path = None if modalities is None else (adapter_path_name(modalities), modalities)
+        out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg, run, path and path[0])
+        if ctx.is_main:
+            where = "" if modalities is None else f", adapter path on {adapter_path_name(modalities)} tokens"
+            print(
+                f"evaluating {run_dir} on {run.benchmark} ({run.split}, {len(run.dataset)} questions, "
+                f"{ctx.world_size} rank(s){where})"
+            )
+        with keep_adapter_path(run.model, modalities):
+            predictions = answer(cfg, run, ctx)
+        scores = write_and_score(predictions, run.benchmark, modes, out_dir, path) if ctx.is_main else {}
+        ctx.barrier()  # the other ranks leave once the files are written
+        return scores
+    finally:
+        shutdown_distributed()
