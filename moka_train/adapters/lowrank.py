@@ -93,3 +93,16 @@ def cross_attend(queries: Tensor, keys: Tensor, slots: AttentionKeys, query_scal
         scale=1.0,
     )
     return out.squeeze(1)
+
+
+def cross_attend_with_weights(
+    queries: Tensor, keys: Tensor, slots: AttentionKeys, query_scale: Tensor | float
+) -> tuple[Tensor, Tensor]:
+    """``cross_attend`` computed explicitly, also returning the attention weights ``[B, Lq, N]`` (0 on the
+    invalid slots of samples that have keys). The fused kernel returns no weights; this path runs only when
+    someone records them (``moka_train.evaluation.attention_maps``)."""
+    keys = keys.masked_fill(slots.invalid, 0.0)
+    logits = (queries * query_scale) @ keys.transpose(1, 2)
+    logits = logits.masked_fill(~slots.allowed[:, 0], float("-inf"))
+    weights = logits.softmax(dim=-1)
+    return weights @ keys, weights

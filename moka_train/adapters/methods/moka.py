@@ -13,12 +13,21 @@ before the interaction and nothing after B, so attention logits carry s^2. Pads 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from moka_train.adapters.config import AdapterConfig
 from moka_train.adapters.layer import AdaptedLinear
-from moka_train.adapters.lowrank import AttentionKeys, cross_attend, fused_down, gather_tokens, select_own_modality
+from moka_train.adapters.lowrank import (
+    AttentionKeys,
+    cross_attend,
+    cross_attend_with_weights,
+    fused_down,
+    gather_tokens,
+    select_own_modality,
+)
 from moka_train.adapters.registry import register_method
 from moka_train.adapters.routing import RoutingState, TokenRouting
 
@@ -45,6 +54,8 @@ class MokaLinear(AdaptedLinear):
         self.scale_before_interaction = config.scaling_position == "before_attention"
         # Interaction weight per configured modality; text (index 0) never queries.
         self.media_lambdas = (0.0, *(config.lambda_for(m) for m in config.modalities[1:]))
+        # Called as recorder(layer, weights [B, L, N], tokens) when set (attention maps); not part of the state.
+        self.attention_recorder: Callable[[MokaLinear, Tensor, TokenRouting], None] | None = None
 
     def delta(self, x: Tensor, tokens: TokenRouting) -> Tensor:
         a_all = fused_down(x, [layer.weight for layer in self.lora_A.values()])
@@ -69,7 +80,12 @@ class MokaLinear(AdaptedLinear):
         if not (tokens.has_media and tokens.has_question):
             return a
         slots = tokens.question
-        attended = cross_attend(a, gather_tokens(a, slots.index), slots, self.key_scale(tokens, slots, a.dtype))
+        keys, scale = gather_tokens(a, slots.index), self.key_scale(tokens, slots, a.dtype)
+        if self.attention_recorder is None:
+            attended = cross_attend(a, keys, slots, scale)
+        else:
+            attended, weights = cross_attend_with_weights(a, keys, slots, scale)
+            self.attention_recorder(self, weights.detach(), tokens)
         return a + tokens.per_modality(self.media_lambdas, a.dtype).unsqueeze(-1) * attended
 
 
