@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -22,35 +21,19 @@ from moka_train.data.media import build_media_loader
 from moka_train.evaluation.likelihood import choice_sample, likelihood_predictions
 from moka_train.evaluation.metrics import get_scorer, read_predictions
 from moka_train.models.build import build_multimodal_lm
-from moka_train.training.recipe import train
 from tests.helpers import loaded_script, randomize_adapters
 from tests.launch import ROOT, describe, run, torchrun
 from tests.test_collate import preset
-from tests.test_demo_data import demo
+from tests.trained_runs import compose_config
 
 EVALUATE = ROOT / "scripts" / "evaluate.py"
-CONFIGS = str(ROOT / "configs")
 FAST = ["generation.max_new_tokens=4", "batch_size=3", "progress=false"]
 
 
-def compose_config(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(name, overrides=overrides)
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """The demo set (test split: 2 videos) and a MokA run trained on it for one step (config.yaml, trainables)."""
-    root = tmp_path_factory.mktemp("demo_data")
-    demo.generate(root, num_videos=6, val_videos=0, test_videos=2, questions_per_video=3, progress=False)
-    run_dir = tmp_path_factory.mktemp("runs") / "moka"
-    overrides = [
-        "experiment=demo", "stage=instruct", "adapter=moka", f"run_dir={run_dir}", f"data.builder.root={root}",
-        f"features.cache_dir={root / 'feature_cache'}", "stage.max_steps=1", "stage.global_batch_size=4",
-        "stage.micro_batch_size=4", "logger.bar=false",
-    ]  # fmt: skip
-    train(compose_config("train", overrides))
-    return root, run_dir
+def trained(demo_runs) -> tuple[Path, Path]:
+    """The demo set (test split: 2 videos) and a MokA run trained on it (tests/trained_runs.py)."""
+    return demo_runs["data"], demo_runs["moka"]
 
 
 def evaluate_in_process(*overrides: str):

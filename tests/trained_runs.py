@@ -1,18 +1,25 @@
-"""Tiny trained runs on the synthetic demo set, shared by the analysis tests (partial-modality inference,
-attention maps): one training step at a large learning rate without warm-up, so that every adapter B is far
-from its zero init and the adapter paths change the answers."""
+"""Tiny trained runs on the synthetic demo set, shared by the evaluation, inference and analysis tests: one
+training step, then every adapter B made random and saved. After one step the B's are still near their zero init,
+so the answers would hardly depend on the adapter path or on MokA's question keys; one step at a large learning
+rate instead makes the tiny model give one answer to every question."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from moka_train.training.recipe import train
+from moka_train.models.trainables import load_trainables, save_trainables
+from moka_train.training.distributed import DistributedContext
+from moka_train.training.recipe import build_data_and_model, train
+from tests.helpers import randomize_adapters
 from tests.launch import ROOT
 from tests.test_demo_data import demo
 
 CONFIGS = str(ROOT / "configs")
+CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def compose_config(name: str, overrides: list[str]):
@@ -27,12 +34,17 @@ def write_demo_data(root: Path) -> Path:
 
 
 def train_run(data_root: Path, run_dir: Path, adapter: str) -> Path:
-    """A stage-2 run of ``adapter`` trained for one step (lr 0.05, no warm-up) on the demo set."""
+    """A stage-2 run of ``adapter`` trained for one step on the demo set, its saved B's then made random."""
     overrides = [
         "experiment=demo", "stage=instruct", f"adapter={adapter}", f"run_dir={run_dir}",
         f"data.builder.root={data_root}", f"features.cache_dir={data_root / 'feature_cache'}", "stage.max_steps=1",
-        "stage.global_batch_size=4", "stage.micro_batch_size=4", "stage.lr=0.05", "stage.warmup_ratio=0",
-        "logger.bar=false",
+        "stage.global_batch_size=4", "stage.micro_batch_size=4", "logger.bar=false",
     ]  # fmt: skip
     train(compose_config("train", overrides))
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    run_cfg.stage.init_from = None
+    _, model, _, _ = build_data_and_model(run_cfg, CPU, inference=True)
+    load_trainables(model, run_dir / "trainables")
+    randomize_adapters(model.llm)
+    save_trainables(model, run_dir / "trainables")
     return run_dir

@@ -75,7 +75,7 @@ def check_run_dir(value: Any, key: str = "run_dir") -> Path:
     """A finished run of scripts/train.py: a folder with config.yaml and trainables/."""
     if value is None:
         raise UsageError(f"{key} is not set: name a run of scripts/train.py ({key}=runs/s2)")
-    run_dir = Path(str(value)).resolve()
+    run_dir = Path(str(value)).expanduser().resolve()
     if not run_dir.is_dir():
         raise UsageError(f"{key} {run_dir}: no such folder (a run of scripts/train.py)")
     for needed, what in (("config.yaml", "file"), ("trainables", "folder")):
