@@ -21,6 +21,7 @@ from moka_train.adapters.model import (
     routing,
     set_active_modalities,
     set_routing,
+    take_aux_loss,
 )
 from moka_train.adapters.registry import available_methods, get_method, register_method
 from moka_train.adapters.routing import RoutingError
@@ -47,4 +48,5 @@ __all__ = [
     "save_adapter",
     "set_active_modalities",
     "set_routing",
+    "take_aux_loss",
 ]

@@ -156,6 +156,13 @@ def active_modalities(model: nn.Module, modalities: Iterable[str | int | Modalit
         state.set_active(previous)
 
 
+def take_aux_loss(model: nn.Module) -> Tensor | None:
+    """The adapter's auxiliary training loss of the last forward (the sum of the terms its layers added, e.g.
+    LoRAMoE's load balancing), or None for methods that add none. The caller adds it to the task loss; the terms
+    are dropped when the next batch's routing is bound."""
+    return adapter_handle(model).routing.take_aux_loss()
+
+
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLinear):

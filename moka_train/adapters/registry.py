@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from moka_train.adapters.layer import AdaptedLinear
 
 _METHODS: dict[str, type[AdaptedLinear]] = {}
-# Modules that register the built-in methods; imported on first lookup to avoid import cycles.
-_BUILTIN_METHOD_MODULES = ("moka_train.adapters.methods.lora", "moka_train.adapters.methods.moka")
+# The package whose modules register the built-in methods: every module in it is imported on first lookup
+# (not at import time, to avoid import cycles), so a new method is one new module there.
+_BUILTIN_METHOD_PACKAGE = "moka_train.adapters.methods"
 
 
 def register_method(name: str):
@@ -27,8 +29,9 @@ def register_method(name: str):
 
 
 def _load_builtins() -> None:
-    for module in _BUILTIN_METHOD_MODULES:
-        importlib.import_module(module)
+    package = importlib.import_module(_BUILTIN_METHOD_PACKAGE)
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{_BUILTIN_METHOD_PACKAGE}.{module.name}")
 
 
 def get_method(name: str) -> type[AdaptedLinear]:

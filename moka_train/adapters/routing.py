@@ -141,6 +141,7 @@ class RoutingState:
         self._active: tuple[bool, ...] | None = None
         self._offset = 0
         self._views: dict[tuple, TokenRouting] = {}
+        self._aux_losses: list[Tensor] = []
 
     # -- binding ---------------------------------------------------------------------------------
     def bind(self, modality_ids: Tensor | None, question_mask: Tensor | None = None) -> None:
@@ -152,11 +153,15 @@ class RoutingState:
             self._modality_index, self._question_mask = self._validate(modality_ids, question_mask)
         self._bound = True
         self._views.clear()
+        # A new batch: terms left by the last one (gradient checkpointing's recomputation adds them again after
+        # the loss was taken) must not reach this one's loss.
+        self._aux_losses.clear()
 
     def unbind(self) -> None:
         self._bound = False
         self._modality_index = self._question_mask = None
         self._views.clear()
+        self._aux_losses.clear()
 
     @property
     def is_bound(self) -> bool:
@@ -221,6 +226,22 @@ class RoutingState:
         if self._active is None:
             return None
         return tuple(m for m, on in zip(self.modalities, self._active, strict=True) if on)
+
+    # -- auxiliary losses ------------------------------------------------------------------------
+    def add_aux_loss(self, term: Tensor) -> None:
+        """A layer's extra training-loss term for the current batch (a scalar, already weighted), e.g. LoRAMoE's
+        load balancing. Layers add terms only in training mode with gradients enabled."""
+        self._aux_losses.append(term)
+
+    def take_aux_loss(self) -> Tensor | None:
+        """The sum of the terms added since the last call or binding (fp32), or None when there are none."""
+        terms, self._aux_losses = self._aux_losses, []
+        if not terms:
+            return None
+        total = terms[0].float()
+        for term in terms[1:]:
+            total = total + term.float().to(total.device)
+        return total
 
     # -- per-call views --------------------------------------------------------------------------
     def set_offset(self, offset: int) -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moka_train.adapters import adapter_named_parameters, carries_adapters, set_routing
+from moka_train.adapters import adapter_named_parameters, carries_adapters, set_routing, take_aux_loss
 from moka_train.adapters.model import numel
 from moka_train.modality import Modality
 from moka_train.models.added_tokens import AddedTokenEmbedding
@@ -246,7 +246,13 @@ class MultimodalLM(nn.Module):
             logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         normalizer = label_normalizer if label_normalizer is not None else max(label_count, 1)
-        return MultimodalOutput(summed / normalizer, logits, label_count)
+        loss = summed / normalizer
+        aux = take_aux_loss(self.llm) if carries_adapters(self.llm) else None
+        if aux is not None:
+            # Weighted by this batch's share of the label tokens, as the task loss is: summed over the micro-batches
+            # and ranks of a step it is then the token-weighted mean of the per-batch terms.
+            loss = loss + aux.to(loss.device) * (label_count / normalizer)
+        return MultimodalOutput(loss, logits, label_count)
 
     @torch.no_grad()
     def generate(self, batch: Mapping[str, Tensor], **generation_kwargs) -> Tensor:
