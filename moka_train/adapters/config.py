@@ -35,6 +35,10 @@ class AdapterConfig:
       ``rank`` (1/sqrt(r), the newest official code).
     - ``scaling_position``: ``after_b`` (h = W0 x + s B a') or ``before_attention`` (the official
       audio-visual code: s multiplies every A output before the interaction, nothing after B).
+    - ``num_experts``: the experts (LoRAMoE) or B heads (HydraLoRA) of the mixture methods; None: one per
+      configured modality.
+    - ``aux_loss_weight``: the weight of a method's auxiliary training loss (LoRAMoE's load balancing); methods
+      without one ignore it.
     """
 
     method: str = "moka"
@@ -46,6 +50,8 @@ class AdapterConfig:
     cross_attn_lambda: float | dict[str, float] = 1.0
     attn_scale: str = "question_tokens"
     scaling_position: str = "after_b"
+    num_experts: int | None = None
+    aux_loss_weight: float = 0.01
 
     def __post_init__(self) -> None:
         # Normalise what Hydra / JSON hand us (ListConfig, tuples, upper-case names) before validating.
@@ -64,6 +70,8 @@ class AdapterConfig:
             self.cross_attn_lambda = float(self.cross_attn_lambda)
         self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
+        self.num_experts = None if self.num_experts is None else int(self.num_experts)
+        self.aux_loss_weight = float(self.aux_loss_weight)
         self.validate()
 
     def validate(self) -> None:
@@ -98,6 +106,10 @@ class AdapterConfig:
         for modality in self.modalities:
             if self.rank_for(modality) < 1:
                 raise ValueError(f"AdapterConfig.rank must be >= 1, got {self.rank}")
+        if self.num_experts is not None and self.num_experts < 1:
+            raise ValueError(f"AdapterConfig.num_experts must be >= 1 or None, got {self.num_experts}")
+        if self.aux_loss_weight < 0:
+            raise ValueError(f"AdapterConfig.aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
         if isinstance(self.cross_attn_lambda, dict):
             extra = [m for m in self.cross_attn_lambda if m not in self.modalities]
             if extra:
@@ -111,6 +123,11 @@ class AdapterConfig:
 
     def scaling_for(self, modality: str) -> float:
         return self.alpha / self.rank_for(modality)
+
+    @property
+    def experts(self) -> int:
+        """The number of experts / heads of the mixture methods: ``num_experts``, else one per modality."""
+        return self.num_experts if self.num_experts is not None else len(self.modalities)
 
     def lambda_for(self, modality: str) -> float:
         """The interaction weight of a modality (0.0 for a modality missing from a per-modality mapping)."""
