@@ -53,7 +53,10 @@ RANK = 4
 ALPHA = 16.0
 DROPOUT = 0.05
 STACK_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-OUR_METHODS = ["lora", "moka", "moka_no_ca", "text_query", "naive", "multi_lora", "uni_lora"]
+OUR_METHODS = [
+    "lora", "moka", "moka_no_ca", "text_query", "naive", "multi_lora", "uni_lora", "dora", "loramoe", "hydralora",
+    "uni_mm_lora", "uni_mm_lora_gate",
+]  # fmt: skip
 METHODS = ["base", "peft_lora", *OUR_METHODS, "official_loop_moka"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -76,6 +76,8 @@ PUBLISHED_BILLIONS = {"llama2_7b_chat": 6.74, "llama3_8b_instruct": 8.03, "qwen2
 
 MOKA_FAMILY = ("moka", "moka_no_ca", "text_query", "naive")  # one A per modality, one shared B
 PER_MODALITY_LORA = ("multi_lora", "uni_lora")  # one A and one B per modality
+MIXTURES = ("loramoe", "hydralora")  # N experts / heads (N = modalities) and a router (N x in)
+UNI_MM = ("uni_mm_lora", "uni_mm_lora_gate")  # N + 1 A's, 2 B's (+ the gate's in + 1)
 SETTING_MODALITIES = {
     "audio_visual": ["text", "visual", "audio"],
     "visual_text": ["text", "visual"],
@@ -101,6 +103,15 @@ def expected_adapter(method: str, dims: dict, modalities: int, rank: int = RANK)
         per_layer = sum(rank * (modalities * i + o) for i, o in shapes)
     elif method in PER_MODALITY_LORA:
         per_layer = modalities * sum(rank * (i + o) for i, o in shapes)
+    elif method == "loramoe":
+        per_layer = sum(modalities * (rank * (i + o) + i) for i, o in shapes)
+    elif method == "hydralora":
+        per_layer = sum(rank * i + modalities * (rank * o + i) for i, o in shapes)
+    elif method in UNI_MM:
+        gate = method == "uni_mm_lora_gate"
+        per_layer = sum(rank * ((modalities + 1) * i + 2 * o) + (i + 1 if gate else 0) for i, o in shapes)
+    elif method == "dora":
+        per_layer = sum(rank * (i + o) + o for i, o in shapes)  # + the magnitude, one per output channel
     else:
         raise KeyError(method)
     return dims["num_hidden_layers"] * per_layer
@@ -188,14 +199,14 @@ def test_every_cell_matches_its_formula(paper_table):
     assert {row.method for row in paper_table.rows} == set(available_methods())
     checked = 0
     for row in paper_table.rows:
-        if row.method not in ("lora", *MOKA_FAMILY, *PER_MODALITY_LORA):
+        if row.method not in ("lora", "dora", *MOKA_FAMILY, *PER_MODALITY_LORA, *MIXTURES, *UNI_MM):
             continue  # a method added later: its formula belongs in this test
         dims = names[row.backbone]
         modalities = len(SETTING_MODALITIES[row.setting])
         assert row.adapter_parameters == expected_adapter(row.method, dims, modalities), row
         assert row.backbone_parameters == expected_backbone(dims), row
         checked += 1
-    assert checked == (3 + 1) * 7
+    assert checked == (3 + 1) * 12
 
 
 def test_variants_share_parameters_and_per_modality_loras_scale(paper_table):
@@ -362,7 +373,7 @@ def test_script_end_to_end(tmp_path, capsys, one_thread):
     ("argv", "message"),
     [
         (["--models", "llama2_7b_chat,gpt4"], "unknown model preset(s) gpt4; known presets (with shapes): "),
-        (["--methods", "dora"], "unknown adapter method(s) dora; known methods: lora, moka"),
+        (["--methods", "vera"], "unknown adapter method(s) vera; known methods: "),
         (["--setting", "audio"], "invalid choice: 'audio'"),
         (["--backbone-config", "/nonexistent/ckpt"], "expected a checkpoint directory holding config.json"),
     ],

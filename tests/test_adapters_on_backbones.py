@@ -14,6 +14,7 @@ from moka_train.adapters import (
     AdapterConfig,
     adapted_layers,
     adapter_named_parameters,
+    available_methods,
     count_parameters,
     inject_adapters,
     load_adapter,
@@ -58,7 +59,7 @@ def test_lora_equals_peft_lora(backbone, tmp_path):
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
-@pytest.mark.parametrize("method", ["moka", "text_query", "naive", "moka_no_ca", "lora", "multi_lora", "uni_lora"])
+@pytest.mark.parametrize("method", available_methods())
 def test_zero_init_is_the_base_model(backbone, method):
     tokens, ids, question, mask = batch()
     base = BACKBONES[backbone]()
@@ -157,12 +158,21 @@ def _expected_count(model: nn.Module, cfg: AdapterConfig) -> int:
             continue
         k, d = module.in_features, module.out_features
         modalities = cfg.modalities
+        n = len(modalities)
         if cfg.method == "lora":
             total += cfg.rank * (k + d)
+        elif cfg.method == "dora":  # + the magnitude per output channel
+            total += cfg.rank * (k + d) + d
         elif cfg.method in ("multi_lora", "uni_lora"):
             total += sum(cfg.rank_for(m) * (k + d) for m in modalities)
+        elif cfg.method == "loramoe":  # N experts + an N x k router
+            total += cfg.experts * (cfg.rank * (k + d) + k)
+        elif cfg.method == "hydralora":  # one A, N B heads + the router
+            total += cfg.rank * k + cfg.experts * (d * cfg.rank + k)
+        elif cfg.method in ("uni_mm_lora", "uni_mm_lora_gate"):  # N + 1 A's, 2 B's (+ the gate's k + 1)
+            total += (n + 1) * cfg.rank * k + 2 * d * cfg.rank + (k + 1 if cfg.method.endswith("gate") else 0)
         else:  # MokA family: N A's, one B
-            total += len(modalities) * cfg.rank * k + d * cfg.rank
+            total += n * cfg.rank * k + d * cfg.rank
     return total
 
 
@@ -174,6 +184,10 @@ def _expected_count(model: nn.Module, cfg: AdapterConfig) -> int:
         ("lora", 8),
         ("multi_lora", {"text": 2, "visual": 4, "audio": 6}),
         ("uni_lora", 4),
+        ("dora", 4),
+        ("loramoe", 2),
+        ("hydralora", 4),
+        ("uni_mm_lora_gate", 4),
     ],
 )
 def test_parameter_counts_and_placement(method, rank):

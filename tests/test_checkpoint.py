@@ -14,6 +14,7 @@ from moka_train.adapters import (
     FORMAT_VERSION,
     AdapterConfig,
     available_methods,
+    get_method,
     inject_adapters,
     load_adapter,
     save_adapter,
@@ -58,8 +59,9 @@ def test_round_trip_gives_identical_outputs(method, tmp_path):
     assert (want - logits(tiny_llama(), *batch)).abs().max() > 1e-3
     assert torch.equal(logits(loaded, *batch), want)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    if method == "lora":
+    if get_method(method).peft_layout:
         assert saved["peft_type"] == "LORA" and saved["r"] == 4 and saved["lora_alpha"] == 16
+        assert saved["use_dora"] == (method == "dora")
     else:
         assert saved["format_version"] == FORMAT_VERSION
         assert saved["method"] == method and saved["cross_attn_lambda"] == {"visual": 0.5, "audio": 2.0}

@@ -1,9 +1,10 @@
 """Saving and loading adapters.
 
 Every method saves ``adapter_model.safetensors`` (names relative to the backbone, the contract) and
-``adapter_config.json`` (the AdapterConfig with ``format_version``). Methods with ``peft_layout`` (LoRA)
-save in peft's own layout instead, so ``PeftModel.from_pretrained`` loads them, and peft's LoRA
-directories load here.
+``adapter_config.json`` (the AdapterConfig with ``format_version``). Methods with ``peft_layout`` (LoRA, DoRA)
+save in peft's own layout instead, so ``PeftModel.from_pretrained`` loads them, and peft's LoRA / DoRA
+directories load here. A method's ``peft_options`` class attribute names the peft ``LoraConfig`` options that
+select it (DoRA: ``use_dora: true``; LoRA: none).
 """
 
 from __future__ import annotations
@@ -20,13 +21,20 @@ from torch import Tensor, nn
 
 from moka_train.adapters.config import AdapterConfig
 from moka_train.adapters.model import _find_handle, adapter_handle, adapter_named_parameters, inject_adapters
-from moka_train.adapters.registry import get_method
+from moka_train.adapters.registry import available_methods, get_method
 from moka_train.checkpoint_io import full_precision, gathered, is_writer, write_atomic
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
-# peft LoRA options whose behaviour our lora does not reproduce: loading them would give other numbers.
+# Our parameter name -> peft's saved key, per adapter tensor (peft drops the adapter name, and DoRA's ".weight").
+_PEFT_KEYS = {
+    ".lora_A.default.weight": ".lora_A.weight",
+    ".lora_B.default.weight": ".lora_B.weight",
+    ".lora_magnitude_vector.default.weight": ".lora_magnitude_vector",
+}
+# peft LoRA options whose behaviour our lora does not reproduce: loading them would give other numbers (except
+# where a method's ``peft_options`` set one: use_dora selects dora).
 _PEFT_UNSUPPORTED = {
     "use_dora": False,
     "use_rslora": False,
@@ -113,6 +121,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
     if get_method(config.method).peft_layout:
         weights = {_from_peft_key(name, path): tensor for name, tensor in weights.items()}
+        options = peft_options(config.method)
+        try:
+            load_adapter_weights(model, weights, source=str(path))
+        except ValueError as error:
+            if not options:
+                raise
+            described = ", ".join(f"{key}={value!r}" for key, value in options.items())
+            raise ValueError(f"{error} ({directory / CONFIG_NAME} sets {described})") from None
+        return model
     load_adapter_weights(model, weights, source=str(path))
     return model
 
@@ -140,22 +157,41 @@ def load_adapter_weights(model: nn.Module, weights: dict[str, Tensor], source: s
 # -- peft's LoRA layout ------------------------------------------------------------------------------
 
 
+def peft_options(method: str) -> dict:
+    """The peft ``LoraConfig`` options that select ``method`` in peft's layout ({} for plain LoRA)."""
+    return dict(getattr(get_method(method), "peft_options", {}))
+
+
 def _to_peft_key(name: str) -> str:
-    # peft's saved keys drop the adapter name: ...q_proj.lora_A.default.weight -> ...q_proj.lora_A.weight
-    return name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    # peft's saved keys drop the adapter name: ...q_proj.lora_A.default.weight -> ...q_proj.lora_A.weight, and
+    # DoRA's magnitude is saved as ...q_proj.lora_magnitude_vector.
+    for ours, peft in _PEFT_KEYS.items():
+        if name.endswith(ours):
+            return name[: -len(ours)] + peft
+    return name
 
 
 def _from_peft_key(name: str, source: Path) -> str:
-    if not name.startswith(_PEFT_PREFIX) or not name.endswith((".lora_A.weight", ".lora_B.weight")):
-        raise ValueError(f"{source}: {name!r} is not a peft LoRA key (base_model.model.<module>.lora_A.weight)")
-    name = name[len(_PEFT_PREFIX) :]
-    return name.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+    for ours, peft in _PEFT_KEYS.items():
+        if name.startswith(_PEFT_PREFIX) and name.endswith(peft):
+            return name[len(_PEFT_PREFIX) : -len(peft)] + ours
+    raise ValueError(f"{source}: {name!r} is not a peft LoRA key (base_model.model.<module>.lora_A.weight)")
+
+
+# The AdapterConfig fields peft's layout stores; the others (modalities, cross_attn_lambda, ...) mean nothing to
+# the methods saved in it, and a run's config may set them (an experiment's modalities and lambda) to other values
+# than the defaults a peft config reads back as.
+_PEFT_LAYOUT_FIELDS = ("method", "rank", "alpha", "dropout", "target_modules")
 
 
 def _same_adapter(a: AdapterConfig, b: AdapterConfig) -> bool:
-    """Equal configs, ``target_modules`` compared as a set: peft's layout (LoRA's) stores them sorted."""
+    """Equal configs, ``target_modules`` compared as a set: peft's layout (LoRA's, DoRA's) stores them sorted, and
+    only the fields it stores."""
     first, second = a.to_dict(), b.to_dict()
     first["target_modules"], second["target_modules"] = sorted(a.target_modules), sorted(b.target_modules)
+    if a.method == b.method and get_method(a.method).peft_layout:
+        first = {key: first[key] for key in _PEFT_LAYOUT_FIELDS}
+        second = {key: second[key] for key in _PEFT_LAYOUT_FIELDS}
     return first == second
 
 
@@ -170,6 +206,7 @@ def _peft_config_dict(config: AdapterConfig, base_model_name_or_path: str | None
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path,
+        **peft_options(config.method),
     )
     with tempfile.TemporaryDirectory() as tmp:
         # peft's own writer, so the file is exactly what PeftModel.from_pretrained expects.
@@ -177,18 +214,31 @@ def _peft_config_dict(config: AdapterConfig, base_model_name_or_path: str | None
         return json.loads((Path(tmp) / CONFIG_NAME).read_text())
 
 
+def _method_from_peft(raw: dict) -> str:
+    """The peft-layout method whose ``peft_options`` the saved config sets, the most specific one (dora over lora)."""
+    methods = [m for m in available_methods() if get_method(m).peft_layout]
+    matching = [m for m in methods if all(raw.get(k) == v for k, v in peft_options(m).items())]
+    if not matching:
+        raise ValueError(f"no moka_train method reads this peft LoRA config (peft-layout methods: {methods})")
+    return max(matching, key=lambda m: len(peft_options(m)))
+
+
 def _config_from_peft(raw: dict) -> AdapterConfig:
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"peft_type {raw.get('peft_type')!r} is not supported; only peft LoRA directories load")
+    method = _method_from_peft(raw)
+    selected = peft_options(method)
     for option, default in _PEFT_UNSUPPORTED.items():
+        if option in selected:
+            continue
         value = raw.get(option)
         if value not in (None, default):
-            raise ValueError(f"peft option {option}={value!r} is not supported by moka_train's lora")
+            raise ValueError(f"peft option {option}={value!r} is not supported by moka_train's {method}")
     targets = raw.get("target_modules")
     if not isinstance(targets, list):
         raise ValueError(f"peft target_modules must be a list of module names, got {targets!r}")
     return AdapterConfig(
-        method="lora",
+        method=method,
         rank=raw["r"],
         alpha=raw["lora_alpha"],
         dropout=raw.get("lora_dropout", 0.0),

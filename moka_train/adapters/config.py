@@ -21,8 +21,9 @@ SCALING_POSITIONS = ("after_b", "before_attention")
 class AdapterConfig:
     """One adapter, for every method.
 
-    - ``method``: a registered method (``moka``, ``moka_no_ca``, ``text_query``, ``naive``, ``lora``,
-      ``multi_lora``, ``uni_lora``; see ``available_methods()``).
+    - ``method``: a registered method (``moka``, ``moka_no_ca``, ``text_query``, ``naive``, ``lora``, ``dora``,
+      ``multi_lora``, ``uni_lora``, ``loramoe``, ``hydralora``, ``uni_mm_lora``, ``uni_mm_lora_gate``; see
+      ``available_methods()``).
     - ``rank``: r, or a ``{modality: r}`` mapping for the methods with one B per modality.
     - ``alpha``: the LoRA scaling is ``alpha / r``.
     - ``dropout``: dropout on the input of A (the LoRA convention).

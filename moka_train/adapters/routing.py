@@ -142,6 +142,7 @@ class RoutingState:
         self._offset = 0
         self._views: dict[tuple, TokenRouting] = {}
         self._aux_losses: list[Tensor] = []
+        self._aux_layers = 0
 
     # -- binding ---------------------------------------------------------------------------------
     def bind(self, modality_ids: Tensor | None, question_mask: Tensor | None = None) -> None:
@@ -228,9 +229,21 @@ class RoutingState:
         return tuple(m for m, on in zip(self.modalities, self._active, strict=True) if on)
 
     # -- auxiliary losses ------------------------------------------------------------------------
+    def register_aux_layer(self) -> None:
+        """A layer that adds a term on every training forward counts itself, so that each can add its term
+        divided by ``aux_layers``: the loss is then the mean over layers and its weight does not grow with depth."""
+        self._aux_layers += 1
+
+    @property
+    def aux_layers(self) -> int:
+        return max(self._aux_layers, 1)
+
     def add_aux_loss(self, term: Tensor) -> None:
         """A layer's extra training-loss term for the current batch (a scalar, already weighted), e.g. LoRAMoE's
-        load balancing. Layers add terms only in training mode with gradients enabled."""
+        load balancing. Layers add terms only in training mode with gradients enabled. A term computed during a
+        backward pass (gradient checkpointing's recomputation, after the loss was taken) is dropped."""
+        if _in_backward():
+            return
         self._aux_losses.append(term)
 
     def take_aux_loss(self) -> Tensor | None:
@@ -306,6 +319,12 @@ class RoutingState:
         return TokenRouting(
             batch, length, device, modality_index=index.to(device), question_mask=question.to(device), **common
         )
+
+
+def _in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass (torch has no public query for it)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
 
 
 def _describe(value: object) -> str:

@@ -52,9 +52,12 @@ SHARED_EXPERIMENT_DIR = CONFIG_DIR / "experiment" / "_shared"
 SETTINGS = {"audio_visual": "av_instruct", "visual_text": "vt_instruct", "speech_text": "speech_instruct"}
 SETTING_TITLES = {"audio_visual": "Audio-visual", "visual_text": "Visual-text", "speech_text": "Speech-text"}
 
-# The paper's row order (LoRA baselines, then MokA and its Table 4 variants); other registered methods follow,
+# The paper's row order (its Tables 1-3, then MokA's Table 4 variants); other registered methods follow,
 # alphabetically, so a new method shows up without editing this list.
-METHOD_ORDER = ("lora", "multi_lora", "uni_lora", "moka", "moka_no_ca", "text_query", "naive")
+METHOD_ORDER = (
+    "lora", "multi_lora", "loramoe", "dora", "hydralora", "uni_lora", "uni_mm_lora", "uni_mm_lora_gate", "moka",
+    "moka_no_ca", "text_query", "naive",
+)  # fmt: skip
 
 # The default columns in the paper's order of backbones (LLaMA-2, LLaMA-3, Qwen2, then Qwen2.5 and Qwen2.5-VL's
 # language model); other presets with an architecture block follow, alphabetically.

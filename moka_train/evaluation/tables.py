@@ -8,8 +8,7 @@ outputs per table (Markdown, CSV, a bar chart). ``scripts/make_tables.py`` is th
     1,llama2,music_avqa,LoRA,lora,accuracy (%),73.41
 
 ``backbone`` and ``benchmark`` are our keys (``BACKBONES``, ``BENCHMARKS``: the names of the experiment presets
-and of the scorers), ``method`` the paper's own row name, ``adapter`` our ``adapter=`` preset for it (also for
-the methods not implemented yet: ``dora``, ``loramoe``, ``hydralora``, ``uni_mm_lora``, ``uni_mm_lora_gate``),
+and of the scorers), ``method`` the paper's own row name, ``adapter`` our ``adapter=`` preset for it,
 ``value`` the number as the paper prints it. A cell the paper leaves empty ("–": LLaMA-3 has only LoRA,
 Multiple LoRA and MokA) has no line.
 
