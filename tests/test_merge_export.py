@@ -28,7 +28,7 @@ from moka_train.adapters import (
     load_adapter,
     save_adapter,
 )
-from moka_train.adapters.merge import MERGEABLE, load_run_backbone, merge_adapter
+from moka_train.adapters.merge import load_run_backbone, merge_adapter, mergeable_methods
 from tests.helpers import VOCAB, loaded_script, randomize_adapters, tiny_llama, tiny_qwen2
 from tests.launch import ROOT, environment
 
@@ -61,7 +61,7 @@ def adapted(method: str, backbone: str = "llama") -> nn.Module:
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
-@pytest.mark.parametrize("method", sorted(MERGEABLE))
+@pytest.mark.parametrize("method", mergeable_methods())
 def test_merged_model_equals_the_adapted_one(method, backbone, tmp_path):
     ids = tokens()
     model = adapted(method, backbone)
@@ -79,7 +79,7 @@ def test_merged_model_equals_the_adapted_one(method, backbone, tmp_path):
     torch.testing.assert_close(logits(reloaded, ids), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", sorted(MERGEABLE))
+@pytest.mark.parametrize("method", mergeable_methods())
 def test_merge_runs_in_float32_and_casts_back(method):
     """A bf16 backbone with fp32 adapters: the weight is merged in float32 from the bf16 W0, then rounded once."""
     model = inject_adapters(tiny_llama().to(torch.bfloat16), AdapterConfig(method=method))
@@ -98,7 +98,7 @@ def test_merge_runs_in_float32_and_casts_back(method):
     assert all(p.dtype == torch.float32 for p in as_fp32.parameters())
 
 
-@pytest.mark.parametrize("method", sorted(set(available_methods()) - set(MERGEABLE)))
+@pytest.mark.parametrize("method", sorted(set(available_methods()) - set(mergeable_methods())))
 def test_merge_refuses_modality_aware_methods(method):
     model = inject_adapters(tiny_llama(), AdapterConfig(method=method))
     with pytest.raises(ValueError, match=rf"the '{method}' adapter cannot be merged"):
@@ -111,7 +111,7 @@ def test_merge_refusal_of_moka_says_why():
         merge_adapter(inject_adapters(tiny_llama(), AdapterConfig(method="moka")))
 
 
-@pytest.mark.parametrize("method", sorted(MERGEABLE))
+@pytest.mark.parametrize("method", mergeable_methods())
 def test_peft_layout_round_trip(method, tmp_path):
     """What export_peft.py writes (save_adapter's peft layout) loads with PeftModel.from_pretrained, same logits."""
     ids = tokens()
@@ -121,7 +121,7 @@ def test_peft_layout_round_trip(method, tmp_path):
     torch.testing.assert_close(logits(peft_model, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", sorted(MERGEABLE))
+@pytest.mark.parametrize("method", mergeable_methods())
 def test_experiment_settings_do_not_stop_loading(method, tmp_path):
     """A run's adapter config sets modalities and lambda (Table 2: [text, visual], 0.05); peft's layout does not
     store them, and loading into the run's model must not call that a different adapter."""

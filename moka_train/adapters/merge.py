@@ -13,46 +13,29 @@ single weight reproduces them.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from moka_train.adapters.layer import AdaptedLinear
 from moka_train.adapters.methods.moka import MokaLinear
 from moka_train.adapters.model import _HANDLE, adapted_layers, adapter_handle
-from moka_train.adapters.registry import get_method
+from moka_train.adapters.registry import available_methods, get_method
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 
-def _merge_dtype(layer: AdaptedLinear) -> torch.dtype:
-    return torch.float64 if layer.base_layer.weight.dtype == torch.float64 else torch.float32
-
-
-def lora_merged_weight(layer: AdaptedLinear) -> Tensor:
-    """``W0 + s B A`` in float32."""
-    dtype = _merge_dtype(layer)
-    with torch.no_grad():
-        delta = layer.lora_B["default"].weight.to(dtype) @ layer.lora_A["default"].weight.to(dtype)
-        return layer.base_layer.weight.to(dtype) + layer.scaling * delta
-
-
-def dora_merged_weight(layer: AdaptedLinear) -> Tensor:
-    """``m * (W0 + s B A) / ||W0 + s B A||_c`` in float32 (``DoraLinear.merged_weight``)."""
-    return layer.merged_weight()
-
-
-# method -> its merged weight. Only methods whose delta is one fixed linear map of x for every token merge.
-MERGEABLE: dict[str, Callable[[AdaptedLinear], Tensor]] = {"lora": lora_merged_weight, "dora": dora_merged_weight}
+def mergeable_methods() -> list[str]:
+    """The methods whose layer class has ``merged_weight()``: those whose delta is one fixed linear map of x for
+    every token (LoRA, DoRA)."""
+    return [method for method in available_methods() if callable(getattr(get_method(method), "merged_weight", None))]
 
 
 def check_mergeable(method: str) -> None:
     """A ValueError naming ``method`` unless it can merge into W0."""
-    if method in MERGEABLE:
+    if method in mergeable_methods():
         return
     layer_cls = get_method(method)
     if issubclass(layer_cls, MokaLinear):
@@ -63,7 +46,7 @@ def check_mergeable(method: str) -> None:
         why = "merging it is not implemented"
     raise ValueError(
         f"the {method!r} adapter cannot be merged into the backbone: {why}, so no single weight reproduces it; "
-        f"only {', '.join(sorted(MERGEABLE))} merge"
+        f"only {', '.join(mergeable_methods())} merge"
     )
 
 
@@ -79,11 +62,10 @@ def merge_adapter(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Modu
     handle = adapter_handle(model)
     method = handle.config.method
     check_mergeable(method)
-    merged_weight = MERGEABLE[method]
     for name, layer in list(adapted_layers(model)):
         base = layer.base_layer
         with torch.no_grad():
-            weight = merged_weight(layer)
+            weight = layer.merged_weight()
             plain = nn.Linear(
                 layer.in_features,
                 layer.out_features,

@@ -68,11 +68,11 @@ LAYOUTS = [
 ]
 
 
-def build_model() -> torch.nn.Module:
-    """A tiny random Llama with MokA on every projection, B re-initialised to small random values (B = 0
-    would leave every A without gradient on the first step)."""
+def build_model(method: str = "moka") -> torch.nn.Module:
+    """A tiny random Llama with ``method`` (MokA by default) on every projection, B re-initialised to small
+    random values (B = 0 would leave every A without gradient on the first step)."""
     model = tiny_llama(seed=MODEL_SEED)
-    inject_adapters(model, AdapterConfig(method="moka", rank=4, alpha=16, modalities=["text", "visual", "audio"]))
+    inject_adapters(model, AdapterConfig(method=method, rank=4, alpha=16, modalities=["text", "visual", "audio"]))
     randomize_adapters(model, seed=B_SEED, std=0.05)
     return model.train()
 
@@ -142,7 +142,7 @@ def optimizer_for(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
 
 
-def train(mode: str, out_dir: Path, steps: int, lr: float) -> list[float]:
+def train(mode: str, out_dir: Path, steps: int, lr: float, method: str = "moka") -> list[float]:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     out_dir = Path(out_dir)
@@ -165,7 +165,7 @@ def train(mode: str, out_dir: Path, steps: int, lr: float) -> list[float]:
     if GLOBAL_BATCH % world:
         raise ValueError(f"the global batch of {GLOBAL_BATCH} does not split over {world} ranks")
 
-    model = build_model()
+    model = build_model(method)
     if mode == "single":
         save_adapter(model, out_dir / "adapter_init")
     optimizer = optimizer_for(model, lr)
@@ -215,6 +215,7 @@ def train(mode: str, out_dir: Path, steps: int, lr: float) -> list[float]:
         counts = count_parameters(engine.module if distributed else model)
         record = {
             "mode": mode,
+            "method": method,
             "world_size": world,
             "steps": steps,
             "lr": lr,
@@ -235,9 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--method", default="moka", help="the adapter method (moka_train.adapters)")
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    train(args.mode, args.out_dir, args.steps, args.lr)
+    train(args.mode, args.out_dir, args.steps, args.lr, args.method)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,13 @@ class LoraLinear(AdaptedLinear):
     def delta(self, x: Tensor, tokens: TokenRouting | None) -> Tensor:
         return self.lora_B["default"](self.lora_A["default"](x)) * self.scaling
 
+    def merged_weight(self) -> Tensor:
+        """``W0 + s B A`` [out, in] in float32 (float64 for a float64 layer): what ``adapters.merge`` writes."""
+        dtype = torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            delta = self.lora_B["default"].weight.to(dtype) @ self.lora_A["default"].weight.to(dtype)
+            return self.base_layer.weight.to(dtype) + self.scaling * delta
+
 
 class PerModalityLora(AdaptedLinear):
     """One LoRA (A_m, B_m, scaling alpha / r_m) per modality, all A's in one matmul and all B's in another.
