@@ -26,21 +26,14 @@ from moka_train.evaluation.runner import UsageError, check_run_dir, load_run
 MAPS_FILE = "attention_maps.json"
 
 
-def _int_list(value: Any, key: str) -> list[int] | None:
+def list_setting(value: Any, key: str, kind: type) -> list | None:
+    """A setting that is null or a non-empty list of ``kind`` (int: layer numbers; str: names)."""
     if value is None:
         return None
     values = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-    if not isinstance(values, list) or not values or not all(isinstance(v, int) for v in values):
-        raise UsageError(f"{key} must be a non-empty list of integers or null, got {values!r}")
-    return values
-
-
-def _str_list(value: Any, key: str) -> list[str] | None:
-    if value is None:
-        return None
-    values = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
-        raise UsageError(f"{key} must be a non-empty list of names or null, got {values!r}")
+    if not isinstance(values, list) or not values or not all(type(v) is kind for v in values):
+        what = "integers" if kind is int else "names"
+        raise UsageError(f"{key} must be a non-empty list of {what} or null, got {values!r}")
     return values
 
 
@@ -58,9 +51,9 @@ def chosen_indices(records: list[Any], samples: int, ids: list[str] | None) -> l
 def map_attention(cfg: DictConfig) -> list[dict[str, Any]]:
     """Record, write and plot the maps; returns the records written to attention_maps.json."""
     run_dir = check_run_dir(cfg.run_dir)
-    layers = _int_list(cfg.layers, "layers")
-    projections = _str_list(cfg.projections, "projections")
-    ids = _str_list(cfg.ids, "ids")
+    layers = list_setting(cfg.layers, "layers", int)
+    projections = list_setting(cfg.projections, "projections", str)
+    ids = list_setting(cfg.ids, "ids", str)
     if isinstance(cfg.samples, bool) or not isinstance(cfg.samples, int) or cfg.samples < 1:
         raise UsageError(f"samples must be a positive integer, got {cfg.samples!r}")
 

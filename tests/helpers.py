@@ -76,6 +76,29 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def cached_greedy_steps(
+    model: nn.Module, prompt: torch.Tensor, mask: torch.Tensor, steps: int
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Prefill ``prompt`` (left-padded, ``mask``) with a KV cache, then ``steps`` greedy decode steps of one token.
+    Returns the last-position logits of the prefill and of each step, the full sequences and their attention
+    mask: what a full forward of the sequences must reproduce."""
+    positions = position_ids(mask)
+    with torch.no_grad():
+        out = model(input_ids=prompt, attention_mask=mask, position_ids=positions, use_cache=True)
+        step_logits, cache, tokens, attention = [out.logits[:, -1]], out.past_key_values, [], mask
+        for _ in range(steps):
+            token = step_logits[-1].argmax(-1, keepdim=True)
+            tokens.append(token)
+            attention = torch.cat([attention, torch.ones_like(token)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model(
+                input_ids=token, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
+            )
+            cache = out.past_key_values
+            step_logits.append(out.logits[:, -1])
+    return step_logits, torch.cat([prompt, *tokens], dim=1), attention
+
+
 @contextlib.contextmanager
 def loaded_script(path: Path) -> Iterator[ModuleType]:
     """A script (``scripts/*.py``, not a package module) imported under its file name for the block; it is in

@@ -8,7 +8,15 @@ import torch
 
 from moka_train.adapters import AdapterConfig, RoutingError, inject_adapters, set_routing
 from moka_train.modality import Modality
-from tests.helpers import VOCAB, position_ids, randomize_adapters, routing_batch, tiny_llama, tiny_qwen2
+from tests.helpers import (
+    VOCAB,
+    cached_greedy_steps,
+    position_ids,
+    randomize_adapters,
+    routing_batch,
+    tiny_llama,
+    tiny_qwen2,
+)
 
 BACKBONES = {"llama": tiny_llama, "qwen2": tiny_qwen2}
 LAYOUTS = [
@@ -41,22 +49,7 @@ def full_forward_logits(model, sequences: torch.Tensor, prompt_mask: torch.Tenso
 @pytest.mark.parametrize("method", ["moka", "text_query", "uni_lora"])
 def test_prefill_and_cached_decode_equal_full_forward(backbone, method):
     model, prompt, mask = adapted(backbone, method)
-    positions = position_ids(mask)
-    with torch.no_grad():
-        out = model(input_ids=prompt, attention_mask=mask, position_ids=positions, use_cache=True)
-        step_logits = [out.logits[:, -1]]
-        cache, tokens, attention = out.past_key_values, [], mask
-        for _ in range(NEW_TOKENS):
-            token = step_logits[-1].argmax(-1, keepdim=True)
-            tokens.append(token)
-            attention = torch.cat([attention, torch.ones_like(token)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = model(
-                input_ids=token, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
-            )
-            cache = out.past_key_values
-            step_logits.append(out.logits[:, -1])
-    sequences = torch.cat([prompt, *tokens], dim=1)
+    step_logits, sequences, _ = cached_greedy_steps(model, prompt, mask, NEW_TOKENS)
     full = full_forward_logits(model, sequences, mask)
     length = prompt.shape[1]
     for step, logits in enumerate(step_logits):

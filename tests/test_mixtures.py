@@ -30,7 +30,15 @@ from moka_train.adapters import (
 from moka_train.adapters.methods import mixtures
 from moka_train.modality import Modality
 from moka_train.models.mllm import IGNORE_INDEX
-from tests.helpers import VOCAB, position_ids, randomize_adapters, routing_batch, tiny_llama, tiny_qwen2
+from tests.helpers import (
+    VOCAB,
+    cached_greedy_steps,
+    position_ids,
+    randomize_adapters,
+    routing_batch,
+    tiny_llama,
+    tiny_qwen2,
+)
 
 METHODS = ["loramoe", "hydralora"]
 IN, OUT = 24, 20
@@ -469,22 +477,8 @@ def test_prefill_and_cached_decode_equal_full_forward(backbone, method):
     randomize(model, std=0.5, router_std=0.5)
     prompt, ids, question, mask = backbone_batch(pad_side="left")
     set_routing(model, ids, question)
-    positions = position_ids(mask)
-    steps = 4
+    step_logits, sequences, attention = cached_greedy_steps(model, prompt, mask, steps=4)
     with torch.no_grad():
-        out = model(input_ids=prompt, attention_mask=mask, position_ids=positions, use_cache=True)
-        step_logits, cache, tokens, attention = [out.logits[:, -1]], out.past_key_values, [], mask
-        for _ in range(steps):
-            token = step_logits[-1].argmax(-1, keepdim=True)
-            tokens.append(token)
-            attention = torch.cat([attention, torch.ones_like(token)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = model(
-                input_ids=token, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
-            )
-            cache = out.past_key_values
-            step_logits.append(out.logits[:, -1])
-        sequences = torch.cat([prompt, *tokens], dim=1)
         full = model(input_ids=sequences, attention_mask=attention, position_ids=position_ids(attention)).logits
         base = BACKBONES[backbone]().double()(input_ids=sequences, attention_mask=attention).logits
     assert full.dtype == torch.float64 and (full - base).abs().max() > 1e-3

@@ -19,7 +19,7 @@ from moka_train.adapters import (
     set_routing,
 )
 from moka_train.modality import Modality
-from tests.helpers import randomize_adapters, routing_batch, tiny_llama, tiny_qwen2
+from tests.helpers import cached_greedy_steps, randomize_adapters, routing_batch, tiny_llama, tiny_qwen2
 from tests.test_adapters_on_backbones import _adapter_grads
 from tests.test_adapters_on_backbones import batch as backbone_batch
 from tests.test_generation import NEW_TOKENS, adapted, full_forward_logits
@@ -281,21 +281,8 @@ def test_prefill_and_cached_decode_equal_full_forward(backbone, method):
     """Greedy steps with a KV cache (decode steps are text) give the logits of one full forward."""
     model, prompt, mask = adapted(backbone, method)
     randomize_gate(model)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        out = model(input_ids=prompt, attention_mask=mask, position_ids=positions, use_cache=True)
-        step_logits, cache, tokens, attention = [out.logits[:, -1]], out.past_key_values, [], mask
-        for _ in range(NEW_TOKENS):
-            token = step_logits[-1].argmax(-1, keepdim=True)
-            tokens.append(token)
-            attention = torch.cat([attention, torch.ones_like(token)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = model(
-                input_ids=token, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
-            )
-            cache = out.past_key_values
-            step_logits.append(out.logits[:, -1])
-    full = full_forward_logits(model, torch.cat([prompt, *tokens], dim=1), mask)
+    step_logits, sequences, _ = cached_greedy_steps(model, prompt, mask, NEW_TOKENS)
+    full = full_forward_logits(model, sequences, mask)
     length = prompt.shape[1]
     for step, logits in enumerate(step_logits):
         torch.testing.assert_close(logits, full[:, length - 1 + step], rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moka_train.adapters.config import AdapterConfig
-from moka_train.adapters.layer import AdaptedLinear
+from moka_train.adapters.methods.lora import LoraLinear
 from moka_train.adapters.registry import register_method
 from moka_train.adapters.routing import RoutingState, TokenRouting
 from moka_train.checkpoint_io import gathered
@@ -28,7 +28,7 @@ class Magnitude(nn.Module):
 
 
 @register_method("dora")
-class DoraLinear(AdaptedLinear):
+class DoraLinear(LoraLinear):
     """DoRA (Liu et al., 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML, arXiv:2402.09353):
 
         W' = m * (W0 + s B A) / ||W0 + s B A||_c        h = W' x (+ bias)
@@ -54,18 +54,12 @@ class DoraLinear(AdaptedLinear):
     ``lora_magnitude_vector.default.weight``); saved in peft's layout (``use_dora: true``).
     """
 
-    uses_routing = False
-    uses_modalities = False
-    peft_layout = True
+    # LoRA's A and B (and its peft layout), plus the magnitude.
     # The peft LoraConfig options that select this method in peft's layout (read by adapters/checkpoint.py).
     peft_options: ClassVar[dict[str, object]] = {"use_dora": True}
 
     def __init__(self, base_layer: nn.Linear, config: AdapterConfig, routing: RoutingState) -> None:
         super().__init__(base_layer, config, routing)
-        rank = config.rank
-        self.lora_A = nn.ModuleDict({"default": self._new_down(rank)})
-        self.lora_B = nn.ModuleDict({"default": self._new_up(rank)})
-        self.scaling = config.alpha / rank
         with gathered([base_layer.weight]), torch.no_grad():
             magnitude = self.weight_norm(base_layer.weight.to(**self._factory()))
         self.lora_magnitude_vector = nn.ModuleDict({"default": Magnitude(magnitude)})
