@@ -24,7 +24,8 @@ warm-up, the methods take turns step by step, in an order rotated every round, s
 CPU's clock) falls on all of them alike.
 
 Configurations: ``tiny`` is the demo preset as is (a 2-layer Llama of width 64, 4 queries per segment, fp32);
-``mid`` the same with a wider, deeper backbone and projector (Hydra overrides, see ``CONFIGURATIONS``);
+``mid`` the same with a wider, deeper backbone and projector (Hydra overrides, see ``CONFIGURATIONS``); ``wide``
+4 layers of TinyLlama-1.1B's width (2048) in fp32, the widest a CPU steps in seconds (``--configs wide``);
 ``large`` (GPU only) a Llama of TinyLlama-1.1B's shape with random weights (bf16 weights, bf16 autocast as
 ``stage.precision=bf16``, the vocabulary of 32,000 rows of the real model, the demo tokenizer using the first
 ~400 ids) behind the official projector (32 queries: 320 video + 320 audio tokens per sample, as in the paper).
@@ -113,6 +114,24 @@ CONFIGURATIONS = {
             f"{_BACKBONE}num_hidden_layers=8",
             f"{_BACKBONE}num_attention_heads=8",
             f"{_BACKBONE}num_key_value_heads=4",
+            "projector.num_queries=8",
+            "projector.qformer_hidden_size=128",
+            "projector.qformer_heads=4",
+            "projector.qformer_intermediate_size=512",
+        ),
+        batch=8,
+    ),
+    "wide": Configuration(
+        "wide",
+        "demo preset, Llama 4 layers x 2048 (intermediate 5632, 32 heads, 4 KV heads: TinyLlama-1.1B's layer), "
+        "projector 8 queries x 128, fp32: how the ratios move with the width a CPU can still step",
+        (
+            f"{_BACKBONE}hidden_size=2048",
+            f"{_BACKBONE}intermediate_size=5632",
+            f"{_BACKBONE}num_hidden_layers=4",
+            f"{_BACKBONE}num_attention_heads=32",
+            f"{_BACKBONE}num_key_value_heads=4",
+            f"{_BACKBONE}initializer_range=0.02",
             "projector.num_queries=8",
             "projector.qformer_hidden_size=128",
             "projector.qformer_heads=4",
