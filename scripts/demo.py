@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from moka_train.evaluation.accuracy import MUSIC_AVQA_TYPE, accuracy_by, format_accuracy_table
 from moka_train.evaluation.generate import generate_predictions, target_text, write_predictions
-from moka_train.models.trainables import load_trainables
+from moka_train.evaluation.runner import load_run
 from moka_train.training.distributed import init_distributed
-from moka_train.training.recipe import build_data_and_model, train
+from moka_train.training.recipe import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,9 +44,15 @@ def make_demo_data(root: Path, videos: int, questions: str = "demo") -> dict[str
     )
 
 
-def config(overrides: list[str]) -> DictConfig:
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """configs/<name>.yaml composed with ``overrides``."""
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=["experiment=demo", *overrides])
+        return compose(name, overrides=overrides)
+
+
+def config(overrides: list[str]) -> DictConfig:
+    """The training config of the demo (``experiment=demo``) with ``overrides``."""
+    return compose_config("train", ["experiment=demo", *overrides])
 
 
 def run_stage(overrides: list[str], run_dir: Path) -> Path:
@@ -58,21 +64,14 @@ def run_stage(overrides: list[str], run_dir: Path) -> Path:
 
 
 def evaluate(run_dir: Path, split: str = "test") -> dict[str, dict[str, Any]]:
-    """Greedy answers of the run's model on ``split``, scored per question type (``predictions_<split>.jsonl``)."""
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    cfg.data.builder.split = split
-    cfg.stage.init_from = None
-    cfg.stage.gradient_checkpointing = False
+    """Greedy answers of the run's model on ``split``, scored per question type (``predictions_<split>.jsonl``).
+    The model and data are built as scripts/evaluate.py builds them (``moka_train.evaluation.runner``)."""
     ctx = init_distributed(use_deepspeed=False)
-    dataset, model, collator, encoders = build_data_and_model(cfg, ctx, inference=True)
-    model.encoders.update(encoders)  # raw media (no feature cache): generation encodes them itself
-    load_trainables(model, run_dir / "trainables")
+    run = load_run(compose_config("evaluate", [f"run_dir={run_dir}", f"split={split}"]), run_dir, ctx)
     # Room for the longest answer of the split and its EOS: a fixed small budget cut "flute" to "flut".
-    answers = {target_text(record) for record in dataset.records}
-    longest = max(len(collator.tokenizer(answer, add_special_tokens=False)["input_ids"]) for answer in answers)
-    predictions = generate_predictions(
-        model.to(ctx.device), dataset, collator, batch_size=32, max_new_tokens=longest + 1
-    )
+    answers = {target_text(record) for record in run.dataset.records}
+    longest = max(len(run.collator.tokenizer(answer, add_special_tokens=False)["input_ids"]) for answer in answers)
+    predictions = generate_predictions(run.model, run.dataset, run.collator, batch_size=32, max_new_tokens=longest + 1)
     write_predictions(run_dir / f"predictions_{split}.jsonl", predictions)
     return accuracy_by(predictions, MUSIC_AVQA_TYPE, sep=" ")
 
