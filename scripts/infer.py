@@ -40,7 +40,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from moka_train.evaluation.runner import UsageError, check_run_dir, keep_adapter_path
+from moka_train.evaluation.runner import (
+    UsageError,
+    check_adapter_paths,
+    check_run_dir,
+    keep_adapter_path,
+    parse_modalities,
+)
 
 PROG = "infer.py"
 BUILDER = "moka_train.data.datasets.user_files.build_user_records"
@@ -177,19 +183,11 @@ def adapter_modalities(value: str | None, run_cfg: DictConfig) -> list[str] | No
     """``--adapter-modalities``: None (the whole adapter), or the modalities whose tokens keep the adapter path."""
     if value is None:
         return None
-    from moka_train.modality import Modality
-
     if run_cfg.get("adapter") is None:
         raise UsageError("--adapter-modalities limits the adapter path, but this run has no adapter (a stage-1 run)")
     names = [] if value.strip().lower() == "none" else [name for name in value.split(",") if name.strip()]
-    try:
-        chosen = sorted({Modality.parse(name).key for name in names})
-    except ValueError as error:
-        raise UsageError(f"--adapter-modalities: {error}") from None
-    configured = list(run_cfg.adapter.modalities)
-    unknown = [m for m in chosen if m not in configured]
-    if unknown:
-        raise UsageError(f"--adapter-modalities names {unknown}, which the run's adapter has no path for: {configured}")
+    chosen = parse_modalities(names, "--adapter-modalities")
+    check_adapter_paths(chosen, list(run_cfg.adapter.modalities), "--adapter-modalities")
     return chosen
 
 

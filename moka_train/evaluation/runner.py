@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,10 +96,22 @@ def adapter_modalities(cfg: DictConfig) -> list[str] | None:
         return None
     if not isinstance(value, (ListConfig, list, tuple)) or not all(isinstance(m, str) for m in value):
         raise UsageError(f"adapter_modalities must be a list of modality names (e.g. [text]) or null, got {value!r}")
+    return parse_modalities(value, "adapter_modalities")
+
+
+def parse_modalities(names: Iterable[str], key: str) -> list[str]:
+    """Modality names as their sorted keys; a UsageError naming ``key`` for an unknown one."""
     try:
-        return sorted({Modality.parse(m).key for m in value})
+        return sorted({Modality.parse(m).key for m in names})
     except ValueError as error:
-        raise UsageError(f"adapter_modalities: {error}") from None
+        raise UsageError(f"{key}: {error}") from None
+
+
+def check_adapter_paths(modalities: Sequence[str], configured: Sequence[str], key: str) -> None:
+    """A UsageError naming ``key`` when the adapter (of ``configured`` modalities) has no path for one of them."""
+    unknown = [m for m in modalities if m not in configured]
+    if unknown:
+        raise UsageError(f"{key} names {unknown}, which the run's adapter has no path for: {list(configured)}")
 
 
 def adapter_path_name(modalities: Sequence[str] | None) -> str:
@@ -173,10 +185,7 @@ def keep_adapter_path(model: MultimodalLM, modalities: Sequence[str] | None) -> 
 
     if not carries_adapters(model.llm):
         raise UsageError("adapter_modalities limits the adapter path, but this run has no adapter (a stage-1 run)")
-    configured = get_adapter_config(model.llm).modalities
-    unknown = [m for m in modalities if m not in configured]
-    if unknown:
-        raise UsageError(f"adapter_modalities names {unknown}, which the run's adapter has no path for: {configured}")
+    check_adapter_paths(modalities, get_adapter_config(model.llm).modalities, "adapter_modalities")
     with active_modalities(model.llm, modalities):
         yield
 
