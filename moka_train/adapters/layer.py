@@ -81,11 +81,13 @@ class AdaptedLinear(nn.Module):
         result = self.base_layer(x)
         tokens = self.routing.tokens_for(x, required=self.uses_routing)
         delta = self.delta(self.lora_dropout(x.to(self.adapter_dtype)), tokens)
-        if tokens is not None:
-            mask = tokens.delta_mask(delta.dtype)
-            if mask is not None:
-                delta = delta * mask
-        return result + delta.to(result.dtype)
+        return result + self.keep_active(delta, tokens).to(result.dtype)
+
+    @staticmethod
+    def keep_active(delta: Tensor, tokens: TokenRouting | None) -> Tensor:
+        """``delta`` with the tokens outside the active modalities zeroed (partial-modality inference)."""
+        mask = None if tokens is None else tokens.delta_mask(delta.dtype)
+        return delta if mask is None else delta * mask
 
     def delta(self, x: Tensor, tokens: TokenRouting | None) -> Tensor:
         """The adapter's contribution for input ``x`` (dropout already applied)."""

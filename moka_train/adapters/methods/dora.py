@@ -99,11 +99,7 @@ class DoraLinear(LoraLinear):
         else:
             bias = self.base_layer.bias
             delta = self._dora_delta(x, base=result if bias is None else result - bias)
-        if tokens is not None:
-            mask = tokens.delta_mask(delta.dtype)
-            if mask is not None:
-                delta = delta * mask
-        return (result + delta).to(result.dtype)
+        return (result + self.keep_active(delta, tokens)).to(result.dtype)
 
     def delta(self, x: Tensor, tokens: TokenRouting | None) -> Tensor:
         return self._dora_delta(x, base=None)
