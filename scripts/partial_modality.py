@@ -83,7 +83,7 @@ def analyse(cfg: DictConfig) -> PartialModalityTable | None:
     table: PartialModalityTable | None = None
     try:
         for run_dir in run_dirs:
-            run = load_run(_for_run(cfg, run_dir), run_dir, ctx)
+            run = load_run(cfg, run_dir, ctx)  # load_run reads the run from run_dir, not cfg.run_dir
             if not carries_adapters(run.model.llm):
                 raise UsageError(f"{run_dir} trained no adapter (a stage-1 run): there is no adapter path to limit")
             config = get_adapter_config(run.model.llm)
