@@ -150,6 +150,44 @@ def test_bf16_backbone(method, adapter_dtype):
     assert all(g is not None and g.dtype == adapter_dtype and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("method", ["moka", "lora", "uni_mm_lora_gate"])
+def test_autocast_keeps_the_input_dtype_and_every_result(method, monkeypatch):
+    """Under autocast the adapter takes the bf16 input as it is instead of a full fp32 copy: every matmul of the
+    delta runs in bf16 either way, so logits and fp32 adapter gradients are bit for bit those of the cast-first
+    path (``AdaptedLinear.adapter_input``)."""
+    tokens, ids, question, mask = batch()
+
+    def run(cast_first: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = inject_adapters(tiny_llama().to(torch.bfloat16), AdapterConfig(method=method, dropout=0.0))
+        randomize_adapters(model)
+        if cast_first:
+            monkeypatch.setattr(AdaptedLinear, "adapter_input", lambda self, x: x.to(self.adapter_dtype))
+        set_routing(model, ids, question)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=tokens, attention_mask=mask, labels=tokens)
+        out.loss.backward()
+        monkeypatch.undo()
+        return out.logits, {name: p.grad for name, p in adapter_named_parameters(model)}
+
+    seen = []
+    original = AdaptedLinear.adapter_input
+
+    def record(self, x):
+        taken = original(self, x)
+        seen.append((x.dtype, taken.dtype))
+        return taken
+
+    monkeypatch.setattr(AdaptedLinear, "adapter_input", record)
+    logits, grads = run(cast_first=False)
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    want_logits, want_grads = run(cast_first=True)
+    assert torch.equal(logits, want_logits)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32 and torch.equal(grad, want_grads[name]), name
+
+
 def _expected_count(model: nn.Module, cfg: AdapterConfig) -> int:
     """The closed form, per adapted linear of shape d x k."""
     total = 0

@@ -80,8 +80,16 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)
         tokens = self.routing.tokens_for(x, required=self.uses_routing)
-        delta = self.delta(self.lora_dropout(x.to(self.adapter_dtype)), tokens)
+        delta = self.delta(self.lora_dropout(self.adapter_input(x)), tokens)
         return result + self.keep_active(delta, tokens).to(result.dtype)
+
+    def adapter_input(self, x: Tensor) -> Tensor:
+        """``x`` in the adapter's dtype; left as it is under autocast, where every matmul of the delta runs in
+        the autocast dtype whatever its input's dtype, so the cast up to fp32 would only add a full-size copy
+        (and its backward) to every layer and change no result."""
+        if torch.is_autocast_enabled(x.device.type):
+            return x
+        return x.to(self.adapter_dtype)
 
     @staticmethod
     def keep_active(delta: Tensor, tokens: TokenRouting | None) -> Tensor:

@@ -86,7 +86,7 @@ class MokaLinear(AdaptedLinear):
         else:
             attended, weights = cross_attend_with_weights(a, keys, slots, scale)
             self.attention_recorder(self, weights.detach(), tokens)
-        return a + tokens.per_modality(self.media_lambdas, a.dtype).unsqueeze(-1) * attended
+        return torch.addcmul(a, tokens.per_modality(self.media_lambdas, a.dtype).unsqueeze(-1), attended)
 
 
 @register_method("moka_no_ca")
