@@ -150,7 +150,7 @@ def test_bf16_backbone(method, adapter_dtype):
     assert all(g is not None and g.dtype == adapter_dtype and torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("method", ["moka", "lora", "uni_mm_lora_gate"])
+@pytest.mark.parametrize("method", ["moka", "lora", "uni_mm_lora_gate", "loramoe"])
 def test_autocast_keeps_the_input_dtype_and_every_result(method, monkeypatch):
     """Under autocast the adapter takes the bf16 input as it is instead of a full fp32 copy: every matmul of the
     delta runs in bf16 either way, so logits and fp32 adapter gradients are bit for bit those of the cast-first

@@ -93,6 +93,7 @@ class DoraLinear(LoraLinear):
         # rounded once.
         result = self.base_layer(x)
         tokens = self.routing.tokens_for(x, required=False)
+        # Always the adapter's dtype (not ``adapter_input``): the column norm of W0 + s B A is taken in x's dtype.
         x = x.to(self.adapter_dtype)
         if self.training and not isinstance(self.lora_dropout, nn.Identity):
             delta = self._dora_delta(self.lora_dropout(x), base=None)

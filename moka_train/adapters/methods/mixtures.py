@@ -121,7 +121,7 @@ class RoutedMixtureLinear(AdaptedLinear):
         result = self.base_layer(x)
         collect = self._collects_aux_loss()
         tokens = self._tokens(x, collect)
-        clean = x.to(self.adapter_dtype)
+        clean = self.adapter_input(x)
         probs = self.router_probs(clean)
         delta = self.mix(self.lora_dropout(clean), probs) * self.scaling
         if collect:
