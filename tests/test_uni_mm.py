@@ -20,12 +20,12 @@ from moka_train.adapters import (
 )
 from moka_train.modality import Modality
 from tests.helpers import cached_greedy_steps, randomize_adapters, routing_batch, tiny_llama, tiny_qwen2
+from tests.test_adapter_formulas import IN, OUT, OneLinear
 from tests.test_adapters_on_backbones import batch as backbone_batch
 from tests.test_generation import NEW_TOKENS, adapted, full_forward_logits
 
 METHODS = ["uni_mm_lora", "uni_mm_lora_gate"]
 BACKBONES = {"llama": tiny_llama, "qwen2": tiny_qwen2}
-IN, OUT = 24, 20
 
 LAYOUTS = [
     [("text", 3), ("visual", 5), ("audio", 3), ("question", 4), ("text", 2)],
@@ -33,15 +33,6 @@ LAYOUTS = [
     [("text", 1), ("audio", 6), ("text", 1), ("question", 6), ("text", 3)],  # no visual
     [("question", 3), ("text", 5)],  # text only
 ]
-
-
-class OneLinear(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.q_proj = nn.Linear(IN, OUT, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.q_proj(x)
 
 
 def randomize_gate(model: nn.Module, seed: int = 2, std: float = 0.3) -> None:
