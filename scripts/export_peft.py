@@ -24,9 +24,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from moka_train.evaluation.runner import UsageError, check_run_dir
+from moka_train.evaluation.runner import UsageError, check_run_dir, load_adapted_backbone, run_adapter_method
 
 PROG = "export_peft.py"
 
@@ -47,10 +45,7 @@ def peft_method(run_dir: Path) -> str:
     """The run's adapter method, refused (a UsageError) unless peft's layout holds it."""
     from moka_train.adapters import available_methods, get_method
 
-    run_cfg = OmegaConf.load(run_dir / "config.yaml")
-    if run_cfg.get("adapter") is None:
-        raise UsageError(f"{run_dir} has no adapter (a stage-1 run): there is nothing to export")
-    method = str(run_cfg.adapter.method)
+    method = run_adapter_method(run_dir, "export")
     try:
         layer_cls = get_method(method)
     except ValueError as error:
@@ -73,12 +68,8 @@ def export_run(args: argparse.Namespace) -> Path:
     method = peft_method(run_dir)
 
     from moka_train.adapters import save_adapter
-    from moka_train.adapters.merge import load_run_backbone
 
-    try:
-        backbone, _ = load_run_backbone(run_dir)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"cannot load the run's adapter: {error}") from None
+    backbone, _ = load_adapted_backbone(run_dir)
     save_adapter(backbone, out, base_model_name_or_path=args.base_model)
     print(f"{PROG}: wrote the {method} adapter of {run_dir} in peft's layout", file=sys.stderr)
     return out

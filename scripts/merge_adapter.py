@@ -29,9 +29,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from moka_train.evaluation.runner import UsageError, check_run_dir
+from moka_train.evaluation.runner import UsageError, check_run_dir, load_adapted_backbone, run_adapter_method
 
 PROG = "merge_adapter.py"
 DTYPES = ("bf16", "fp32")
@@ -66,10 +64,7 @@ def mergeable_method(run_dir: Path) -> str:
     """The run's adapter method, refused (a UsageError) unless it merges."""
     from moka_train.adapters.merge import check_mergeable
 
-    run_cfg = OmegaConf.load(run_dir / "config.yaml")
-    if run_cfg.get("adapter") is None:
-        raise UsageError(f"{run_dir} has no adapter (a stage-1 run): there is nothing to merge")
-    method = str(run_cfg.adapter.method)
+    method = run_adapter_method(run_dir, "merge")
     try:
         check_mergeable(method)
     except ValueError as error:
@@ -86,14 +81,11 @@ def merge_run(args: argparse.Namespace) -> Path:
     import torch
     from hydra.utils import instantiate
 
-    from moka_train.adapters.merge import load_run_backbone, merge_adapter
+    from moka_train.adapters.merge import merge_adapter
     from moka_train.models.chat_templates import set_chat_template
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
-    try:
-        backbone, run_cfg = load_run_backbone(run_dir)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"cannot load the run's adapter: {error}") from None
+    backbone, run_cfg = load_adapted_backbone(run_dir)
     merged = merge_adapter(backbone, dtype=dtype)
     tokenizer = instantiate(run_cfg.model.tokenizer)
     set_chat_template(tokenizer, run_cfg.model.chat_template)

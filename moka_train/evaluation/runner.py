@@ -88,6 +88,26 @@ def check_run_dir(value: Any, key: str = "run_dir") -> Path:
     return run_dir
 
 
+def run_adapter_method(run_dir: Path, action: str) -> str:
+    """The adapter method of a run checked by ``check_run_dir``; a UsageError for a run without one (stage 1),
+    saying there is nothing to ``action``."""
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    if run_cfg.get("adapter") is None:
+        raise UsageError(f"{run_dir} has no adapter (a stage-1 run): there is nothing to {action}")
+    return str(run_cfg.adapter.method)
+
+
+def load_adapted_backbone(run_dir: Path) -> tuple[Any, DictConfig]:
+    """``adapters.merge.load_run_backbone`` (the run's backbone carrying its trained adapter, and the run's
+    config), with a checkpoint that does not load reported as a UsageError."""
+    from moka_train.adapters.merge import load_run_backbone
+
+    try:
+        return load_run_backbone(run_dir)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot load the run's adapter: {error}") from None
+
+
 def adapter_modalities(cfg: DictConfig) -> list[str] | None:
     """``cfg.adapter_modalities``: None (the whole adapter) or the modality names whose tokens keep the adapter
     path (``[]``: none, the frozen backbone with the trained projectors)."""
