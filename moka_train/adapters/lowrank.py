@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,18 +25,24 @@ def fused_up(a: Tensor, weights: Sequence[Tensor]) -> Tensor:
     return F.linear(a, weight)
 
 
-def select_own_modality(a_all: Tensor, onehot: Tensor) -> Tensor:
+def select_own_modality(a_all: Tensor, own_columns: Tensor, rank: int) -> Tensor:
     """Per token, the low-rank output of its own modality's A.
 
-    ``a_all``: ``[B, L, M * r]`` (every A on every token), ``onehot``: ``[B, L, M]`` (all zero for pads).
-    Returns ``[B, L, r]``; pads get zeros.
+    ``a_all``: ``[B, L, M * r]`` (every A on every token); ``own_columns``: ``[B, L, M * r]``, 1 on the r columns
+    of the token's modality and 0 elsewhere (all zero for pads; ``TokenRouting.own_columns``). Returns
+    ``[B, L, r]``; pads get zeros.
     """
-    batch, length, width = a_all.shape
-    num_modalities = onehot.shape[-1]
-    per_modality = a_all.view(batch, length, num_modalities, width // num_modalities)
-    # A product and a sum: einsum makes this a batched matmul of B*L tiny (1 x M) @ (M x r) products, with more
-    # operations in the forward and the backward (about 6 % of a 64-wide adapted layer's step on the CPU).
-    return (per_modality * onehot.unsqueeze(-1)).sum(dim=2)
+    # A same-shape product, then one matmul adding the M column blocks (exact: one term is kept, the others
+    # are zeros). Broadcasting a [B, L, M] one-hot over [B, L, M, r] and summing over M (or an einsum: B*L
+    # batched 1 x M products) costs more on small tensors: 255 against 179 us per forward and backward of a
+    # [8, 199, 12] selection on 2 CPU threads.
+    return (a_all * own_columns) @ _column_block_sum(a_all.shape[-1], rank, a_all.dtype, a_all.device)
+
+
+@functools.cache
+def _column_block_sum(width: int, rank: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[width, rank]``: identities stacked, so that ``a @ it`` adds the ``width / rank`` column blocks of a."""
+    return torch.eye(rank, dtype=dtype, device=device).repeat(width // rank, 1)
 
 
 def compact_index(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -62,14 +69,15 @@ def gather_tokens(values: Tensor, index: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class AttentionKeys:
     """The key slots of a batched attention in the low-rank space, built once per forward from the routing
-    and shared by every layer: ``index`` [B, N] (positions, see ``compact_index``), ``count`` [B],
-    ``invalid`` [B, N, 1] (slots to zero) and ``allowed`` [B, 1, 1, N] (the SDPA mask)."""
+    and shared by every layer: ``index`` [B, N] (positions, see ``compact_index``), ``valid`` [B, N],
+    ``count`` [B], ``invalid`` [B, N, 1] (slots to zero) and ``allowed`` [B, 1, 1, N] (the SDPA mask)."""
 
     index: Tensor
     valid: Tensor
     count: Tensor
     invalid: Tensor
     allowed: Tensor
+    _biases: dict[torch.dtype, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_mask(cls, mask: Tensor) -> AttentionKeys:
@@ -79,18 +87,26 @@ class AttentionKeys:
         allowed = valid | (count == 0).unsqueeze(1)
         return cls(index, valid, count, (~valid).unsqueeze(-1), allowed[:, None, None, :])
 
+    def bias(self, dtype: torch.dtype) -> Tensor:
+        """``[B, 1, N]``: 0 on the allowed slots, -inf elsewhere; added to the attention logits."""
+        if dtype not in self._biases:
+            allowed = self.allowed[:, 0]
+            zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            self._biases[dtype] = zeros.masked_fill(~allowed, float("-inf"))
+        return self._biases[dtype]
 
-def cross_attend(queries: Tensor, keys: Tensor, slots: AttentionKeys, query_scale: Tensor | float) -> Tensor:
+
+def cross_attend(queries: Tensor, keys: Tensor, slots: AttentionKeys, scale: Tensor | float) -> Tensor:
     """``softmax(q K^T * scale) K`` per sample, keys doubling as values.
 
-    ``queries`` [B, Lq, r], ``keys`` [B, N, r] gathered at ``slots.index``, ``query_scale`` a float or a
-    [B, 1, 1] tensor (folded into the queries, because ``scaled_dot_product_attention`` takes one float).
+    ``queries`` [B, Lq, r], ``keys`` [B, N, r] gathered at ``slots.index``, ``scale`` a float or a [B, 1, 1] tensor
+    (folded into the queries for ``scaled_dot_product_attention``, which takes one float).
     """
     if not _fused_attention_applies(queries):
-        return cross_attend_with_weights(queries, keys, slots, query_scale)[0]
+        return cross_attend_with_weights(queries, keys, slots, scale)[0]
     keys = keys.masked_fill(slots.invalid, 0.0)
     out = F.scaled_dot_product_attention(
-        (queries * query_scale).unsqueeze(1),
+        (queries * scale).unsqueeze(1),
         keys.unsqueeze(1),
         keys.unsqueeze(1),
         attn_mask=slots.allowed,
@@ -103,19 +119,28 @@ def _fused_attention_applies(queries: Tensor) -> bool:
     """Whether ``scaled_dot_product_attention`` has a fused kernel for these queries. The CPU's takes any head
     size; CUDA's need a multiple of 8, so at the usual ranks (4) SDPA would fall back to its math path, which
     computes what ``cross_attend_with_weights`` computes after a costly kernel selection (on an H100, one
-    adapted 2048-wide linear: 3.6 ms per training step through SDPA, 2.9 ms explicit)."""
+    adapted 2048-wide linear: 3.6 ms per training step through SDPA, 2.9 ms explicit).
+
+    On the CPU the fused kernel is kept although the explicit form is faster there (forward and backward of
+    [8, L, 4] queries over 12-26 keys on 2 threads: 0.32 against 0.44 ms at L = 199, 0.77 against 1.23 ms at
+    L = 750): the explicit form keeps the [B, L, N] weights for backward, which made the demo model's step
+    hold 1.14x LoRA's memory instead of 1.05x, for a step time within noise of the fused kernel's.
+    """
     return queries.device.type == "cpu" or queries.shape[-1] % 8 == 0
 
 
 def cross_attend_with_weights(
-    queries: Tensor, keys: Tensor, slots: AttentionKeys, query_scale: Tensor | float
+    queries: Tensor, keys: Tensor, slots: AttentionKeys, scale: Tensor | float
 ) -> tuple[Tensor, Tensor]:
     """``cross_attend`` computed explicitly, also returning the attention weights ``[B, Lq, N]`` (0 on the
     invalid slots of samples that have keys). The fused kernel returns no weights, so the attention maps
     (``moka_train.evaluation.attention_maps``) take this path; so does ``cross_attend`` where no fused kernel
     applies."""
     keys = keys.masked_fill(slots.invalid, 0.0)
-    logits = (queries * query_scale) @ keys.transpose(1, 2)
-    logits = logits.masked_fill(~slots.allowed[:, 0], float("-inf"))
+    bias = slots.bias(queries.dtype)
+    if isinstance(scale, Tensor):  # per sample: scale the (fewer) keys, not the queries
+        logits = torch.baddbmm(bias, queries, (keys * scale).transpose(1, 2))
+    else:
+        logits = torch.baddbmm(bias, queries, keys.transpose(1, 2), alpha=scale)
     weights = logits.softmax(dim=-1)
     return weights @ keys, weights

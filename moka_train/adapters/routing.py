@@ -101,6 +101,14 @@ class TokenRouting:
             self._cache[key] = (hot * (index >= 0).unsqueeze(-1)).to(dtype)
         return self._cache[key]
 
+    def own_columns(self, rank: int, dtype: torch.dtype) -> Tensor:
+        """[B, L, M * rank]: 1 on the ``rank`` columns of each token's modality, 0 elsewhere and at pads (what
+        ``lowrank.select_own_modality`` multiplies every A's output by)."""
+        key = ("columns", rank, dtype)
+        if key not in self._cache:
+            self._cache[key] = self.onehot(dtype).repeat_interleave(rank, dim=-1)
+        return self._cache[key]
+
     def per_modality(self, values: tuple[float, ...], dtype: torch.dtype) -> Tensor:
         """[B, L] with ``values[m]`` at the tokens of modality m and 0 at pads."""
         key = ("values", values, dtype)

@@ -62,7 +62,7 @@ class MokaLinear(AdaptedLinear):
         if tokens.all_text:
             a = a_all[..., : self.rank]
         else:
-            a = select_own_modality(a_all, tokens.onehot(a_all.dtype))
+            a = select_own_modality(a_all, tokens.own_columns(self.rank, a_all.dtype), self.rank)
         if self.scale_before_interaction:
             a = a * self.scaling
         if not tokens.all_text:

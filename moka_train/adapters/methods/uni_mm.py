@@ -92,7 +92,8 @@ class UniMultimodalLoraLinear(AdaptedLinear):
         if tokens.all_text:
             a_uni = a_all[..., : self.rank]  # text is the first configured modality
         else:
-            a_uni = select_own_modality(a_all[..., :uni_width], tokens.onehot(a_all.dtype))  # pads: 0
+            own = tokens.own_columns(self.rank, a_all.dtype)
+            a_uni = select_own_modality(a_all[..., :uni_width], own, self.rank)  # pads: 0
             a_mm = a_mm * tokens.per_modality(self._non_pad, a_all.dtype).unsqueeze(-1)
         if self.gated:
             gate = torch.sigmoid(a_all[..., -1:] + self.lora_gate.bias)
