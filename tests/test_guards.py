@@ -1,4 +1,5 @@
-"""The non-finite loss guard names the step and the samples, or skips the step."""
+"""The non-finite loss guard names the step and the samples, or skips the step; samples over the length limit
+are counted per step and named per rank."""
 
 from __future__ import annotations
 
@@ -51,3 +52,43 @@ def test_every_rank_skips_when_one_rank_is_nonfinite():
         results = manager.dict()
         mp.start_processes(_rank, args=(port, results), nprocs=2, start_method="spawn", join=True)
         assert dict(results) == {0: False, 1: False}
+
+
+def test_dropped_samples_are_counted_per_step_and_named_per_rank(tmp_path):
+    """``loader.on_overflow=drop``: the run's metrics count the samples left out at each step (summed over ranks
+    with the step's other totals), this rank's ids land in ``dropped_samples.rank0.tsv`` with their step, and
+    the run ends with a warning giving the total. Expected: the over-length samples of the steps' batches, found
+    by encoding each planned sample."""
+    from moka_train.training.batch_plan import BatchPlan, PlanSampler
+    from moka_train.training.recipe import build_data_and_model, train
+    from moka_train.training.run_logger import read_metrics
+    from tests.trained_runs import CPU, compose_config, write_demo_data
+
+    data_root = write_demo_data(tmp_path / "data")
+    overrides = [
+        "experiment=demo", "stage=instruct", "adapter=lora", f"run_dir={tmp_path / 'run'}",
+        f"data.builder.root={data_root}", f"features.cache_dir={data_root / 'feature_cache'}",
+        "stage.global_batch_size=4", "stage.micro_batch_size=2", "stage.max_steps=3", "logger.bar=false",
+        "loader.num_workers=0",
+    ]  # fmt: skip
+    cfg = compose_config("train", overrides)
+    dataset, _, collator, _ = build_data_and_model(cfg, CPU)
+    lengths = [len(collator.encode(dataset[i])) for i in range(len(dataset))]
+    limit = sorted(lengths)[-4]  # the few longest samples are over it
+    assert min(lengths) < limit < max(lengths)
+    plan = BatchPlan(len(dataset), 4, 2, 1, cfg.seed)
+    steps = [[], [], []]
+    for n, micro_batch in enumerate(PlanSampler(plan, rank=0, epochs=1, max_steps=3)):
+        if all(lengths[i] > limit for i in micro_batch):
+            pytest.skip("a whole micro-batch is over the limit; the collator would refuse it")
+        steps[n // 2] += [dataset[i].id for i in micro_batch if lengths[i] > limit]
+    assert sum(map(len, steps)) > 0
+
+    cfg = compose_config("train", [*overrides, f"loader.max_length={limit}", "loader.on_overflow=drop"])
+    with pytest.warns(UserWarning, match="dropped sample"):
+        run_dir = train(cfg)
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["dropped_samples"] for r in metrics] == [float(len(ids)) for ids in steps]
+    lines = (run_dir / "dropped_samples.rank0.tsv").read_text().splitlines()
+    assert lines == [f"{step}\t{sample_id}" for step, ids in enumerate(steps, 1) for sample_id in ids]
+    assert f"{sum(map(len, steps))} sample(s) left out of their batches" in (run_dir / "train.log").read_text()

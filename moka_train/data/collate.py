@@ -59,7 +59,8 @@ class MultimodalCollator:
     ``tokens_per_segment``: modality -> the projector's tokens per segment (its ``num_queries``).
     ``max_length``: the longest expanded sample allowed; ``on_overflow``: ``"error"`` stops with the
     sample's id, ``"drop"`` leaves it out with a warning and counts it in ``dropped`` (per process: with
-    DataLoader workers each worker has its own copy, so read the batches' ``dropped`` ids for a total).
+    DataLoader workers each worker has its own copy, so read the batches' ``dropped`` ids for a total, as the
+    training loop does: ``dropped_samples`` in its metrics, summed over ranks).
     ``padding_side``: defaults to the tokenizer's; generation needs ``"left"``.
 
     A batch is all training samples (ending with the answer) or all inference samples (ending with the

@@ -286,6 +286,17 @@ def build_engine(
 
 
 # -- the loop -----------------------------------------------------------------------------------------
+DROPPED_SAMPLES_PREFIX = "dropped_samples.rank"
+
+
+def record_dropped_samples(run_dir: Path, rank: int, step: int, sample_ids: list[str]) -> None:
+    """Append ``step<TAB>id`` lines to this rank's ``dropped_samples.rank<r>.tsv``: every rank writes its own,
+    so no collective is needed for the ids (the count is summed with the step's other totals). A resumed run
+    appends again for the steps it repeats; the step column tells them apart."""
+    with open(run_dir / f"{DROPPED_SAMPLES_PREFIX}{rank}.tsv", "a", encoding="utf-8") as file:
+        file.writelines(f"{step}\t{sample_id}\n" for sample_id in sample_ids)
+
+
 def train(cfg: DictConfig) -> Path:
     """Run one stage; returns the run directory (``<run_dir>/trainables`` holds the result)."""
     check_config(cfg)
@@ -363,7 +374,7 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
         initial_step=start_step,
         rank=ctx.rank,
     )
-    failed = True
+    failed, dropped_in_run = True, 0
     try:
         for step in range(start_step + 1, total_steps + 1):
             started, lr = time.monotonic(), engine.lr()  # the rate this step uses
@@ -386,10 +397,18 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
                 loss_sum += output.loss.detach().double().cpu()
                 tokens += int(batch["attention_mask"].sum())
             engine.step(skip=skip)
-            totals = all_reduce_sum(torch.tensor([float(loss_sum), float(tokens)], dtype=torch.float64))
+            dropped = [sample_id for batch in micro_batches for sample_id in batch["dropped"]]
+            if dropped:
+                record_dropped_samples(run_dir, ctx.rank, step, dropped)
+            totals = all_reduce_sum(
+                torch.tensor([float(loss_sum), float(tokens), float(len(dropped))], dtype=torch.float64)
+            )
             metrics = {"lr": lr, "tokens": totals[1].item(), "step_time": time.monotonic() - started}
             if not skip:
                 metrics["loss"] = totals[0].item()
+            if cfg.loader.on_overflow == "drop":
+                metrics["dropped_samples"] = totals[2].item()
+                dropped_in_run += int(totals[2].item())
             run_log.log(step, metrics)
             if cfg.fault.exit_after_step == step:
                 logger.warning("fault injection: exiting after step %d", step)
@@ -401,5 +420,13 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
         failed = False
     finally:
         run_log.close(failed=failed)
+        if dropped_in_run:
+            logger.warning(
+                "%d sample(s) left out of their batches for exceeding loader.max_length=%s (loader.on_overflow=drop; "
+                "per step in metrics.jsonl as dropped_samples, the ids in %s)",
+                dropped_in_run,
+                cfg.loader.max_length,
+                run_dir / f"{DROPPED_SAMPLES_PREFIX}*.tsv",
+            )
     logger.info("trainables for evaluation: %s", run_dir / "trainables")
     return run_dir
