@@ -12,13 +12,14 @@ import torch
 from hydra.utils import instantiate
 
 from moka_train.adapters import AdapterConfig, inject_adapters, set_routing
-from moka_train.adapters.lowrank import AttentionKeys, cross_attend, cross_attend_with_weights, gather_tokens
+from moka_train.adapters.lowrank import cross_attend, cross_attend_with_weights, gather_tokens
 from moka_train.evaluation.attention_maps import CrossAttentionRecorder, layer_index, select_layers
 from moka_train.evaluation.runner import UsageError
 from moka_train.modality import Modality
 from moka_train.models.tokenizer import build_demo_tokenizer
 from tests.helpers import VOCAB, loaded_script, position_ids, randomize_adapters, routing_batch, tiny_llama
 from tests.launch import ROOT
+from tests.test_lowrank import key_slots
 from tests.trained_runs import compose_config
 
 SCRIPT = ROOT / "scripts" / "attention_maps.py"
@@ -26,10 +27,7 @@ SCRIPT = ROOT / "scripts" / "attention_maps.py"
 
 def test_the_attention_weights_are_the_softmax_over_each_samples_keys():
     torch.manual_seed(0)
-    mask = torch.zeros(3, 7, dtype=torch.bool)
-    mask[0, [1, 2, 5]] = True
-    mask[2, 1:6] = True  # sample 1 has no key at all
-    slots = AttentionKeys.from_mask(mask)
+    slots = key_slots()  # sample 0: keys at 1, 2, 5; sample 1: none; sample 2: 1-5
     a = torch.randn(3, 7, 4)
     keys = gather_tokens(a, slots.index)
     scale = slots.count.clamp(min=1).float().rsqrt().view(-1, 1, 1)
