@@ -65,8 +65,9 @@ class TorchEngine:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return self.wrapped(batch, label_normalizer=label_normalizer)
 
-    def backward(self, loss: Tensor) -> None:
-        (loss * self.world_size).backward()
+    def backward(self, loss: Tensor, skip: bool = False) -> None:
+        if not skip:  # a skipped step's gradients are never applied: no need to compute them
+            (loss * self.world_size).backward()
 
     def step(self, skip: bool = False) -> None:
         if not skip:
@@ -118,6 +119,15 @@ class DeepSpeedEngine:
         self.module: MultimodalLM = self.engine.module
         self.device = self.engine.device
         self.world_size = world_size
+        # A skipped step still runs every micro-batch's backward and DeepSpeed's boundary (its micro-step count,
+        # gradient reduction and collectives must stay in lockstep across ranks), but at the boundary our
+        # optimizer, which DeepSpeed calls on its fp32 partitions, sees no gradient: torch's AdamW and
+        # DeepSpeed's CPU Adam leave a parameter without one untouched, moments included. The gradients are
+        # handed back after the call (with CPU offload DeepSpeed reuses those buffers) and cleared as usual.
+        self._skipping = False
+        self._withheld: list[tuple[Tensor, Tensor | None]] = []
+        optimizer.register_step_pre_hook(self._withhold_gradients_when_skipping)
+        optimizer.register_step_post_hook(self._restore_withheld_gradients)
 
     @contextlib.contextmanager
     def micro_step(self, last: bool) -> Iterator[None]:
@@ -126,16 +136,32 @@ class DeepSpeedEngine:
     def forward(self, batch: dict[str, Any], label_normalizer: int) -> MultimodalOutput:
         return self.engine(batch, label_normalizer=label_normalizer)
 
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, skip: bool = False) -> None:
+        self._skipping = skip
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         # DeepSpeed's step() is per micro-batch: it counts them and applies the update (and our scheduler's
         # step) only at the accumulation boundary.
         self.engine.step()
 
     def step(self, skip: bool = False) -> None:
-        if skip:
-            raise RuntimeError("DeepSpeed cannot skip an optimizer step here (checked at start)")
-        # Nothing left: the last micro-batch's engine.step() applied the update.
+        # Nothing left to apply: the last micro-batch's engine.step() did. A skipped step's non-finite
+        # gradients may have made DeepSpeed declare an overflow, in which case it left the schedule alone; the
+        # schedule steps on a skipped step, as the plain engine's does.
+        if skip and not self.engine.was_step_applied():
+            self.scheduler.step()
+        self._skipping = False
+
+    def _withhold_gradients_when_skipping(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        if self._skipping:
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    self._withheld.append((parameter, parameter.grad))
+                    parameter.grad = None
+
+    def _restore_withheld_gradients(self, *_: Any) -> None:
+        for parameter, grad in self._withheld:
+            parameter.grad = grad
+        self._withheld.clear()
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from moka_train.checkpoint_io import write_atomic
@@ -106,11 +107,6 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"checkpoint.every_steps must be >= 0, got {cfg.checkpoint.every_steps!r}")
     if cfg.on_nonfinite not in ("error", "skip"):
         raise ValueError(f"on_nonfinite must be error or skip, got {cfg.on_nonfinite!r}")
-    if cfg.on_nonfinite == "skip" and cfg.deepspeed.json is not None:
-        raise ValueError(
-            "on_nonfinite=skip needs deepspeed=none: DeepSpeed's engine cannot leave out one optimizer step in "
-            "bf16 / fp32; use on_nonfinite=error with DeepSpeed"
-        )
     if not isinstance(cfg.resume, str) or not cfg.resume:
         raise ValueError(f"resume must be auto, none or a checkpoint path, got {cfg.resume!r}")
     if cfg.resume == "auto" and cfg.run_dir is None:
@@ -289,6 +285,12 @@ def build_engine(
 DROPPED_SAMPLES_PREFIX = "dropped_samples.rank"
 
 
+def poison_loss(loss: Tensor, nonfinite_gradients: bool) -> Tensor:
+    """Fault injection: a NaN loss with NaN gradients, or an infinite loss whose gradients stay finite (what
+    DeepSpeed's own overflow check, which looks at the gradients, cannot see)."""
+    return loss * float("nan") if nonfinite_gradients else loss + float("inf")
+
+
 def record_dropped_samples(run_dir: Path, rank: int, step: int, sample_ids: list[str]) -> None:
     """Append ``step<TAB>id`` lines to this rank's ``dropped_samples.rank<r>.tsv``: every rank writes its own,
     so no collective is needed for the ids (the count is summed with the step's other totals). A resumed run
@@ -388,12 +390,12 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
             for i, batch in enumerate(micro_batches):
                 with engine.micro_step(last=i == len(micro_batches) - 1):
                     output = engine.forward(batch, label_normalizer=max(global_labels, 1))
-                    if cfg.fault.nonfinite_loss_at_step == step:
-                        output.loss = output.loss * float("nan")
+                    if cfg.fault.nonfinite_loss_at_step == step and ctx.rank == 0 and i == len(micro_batches) - 1:
+                        output.loss = poison_loss(output.loss, cfg.fault.nonfinite_gradients)
                     if not check_loss(output.loss, step, batch["ids"], cfg.on_nonfinite):
                         skip = True
-                        break
-                    engine.backward(output.loss)
+                    # Every micro-batch still goes through the engine: DeepSpeed keeps its ranks in lockstep.
+                    engine.backward(output.loss, skip=skip)
                 loss_sum += output.loss.detach().double().cpu()
                 tokens += int(batch["attention_mask"].sum())
             engine.step(skip=skip)
