@@ -158,3 +158,53 @@ def test_unreadable_media_are_named_or_skipped(avqa_root, tmp_path):
     with pytest.warns(UserWarning, match=r"skipped 1 of 3 records whose media are missing or unreadable"):
         kept = check_media(records, "skip", probe=True)
     assert [r.id for r in kept] == ["music_avqa/test/1", "music_avqa/test/2"]
+
+
+def test_video_llava_pretrain_mixes_images_and_videos_in_one_batch(tmp_path):
+    """The stage-1 visual corpus from its data config: a real JPEG and a real mp4 in Video-LLaVA's layout, one
+    batch holding the image (1 frame) and the video (the config's 8 frames), and a forward with a finite
+    loss over both."""
+    from PIL import Image
+
+    root = tmp_path / "video-llava"
+    (root / "train_json").mkdir(parents=True)
+    (root / "llava_image").mkdir()
+    (root / "valley").mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(root / "llava_image" / "1.jpg")
+    write_video(root / "valley" / "2.mp4", num_frames=24)
+
+    def entry(key: str, path: str, human: str, answer: str) -> list[dict]:
+        turns = [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]
+        return [{"id": path.split("/")[-1], key: path, "conversations": turns}]
+
+    (root / "train_json" / "llava_image_.json").write_text(
+        json.dumps(entry("image", "llava_image/1.jpg", "<image>\nDescribe the image.", "a red square"))
+    )
+    (root / "train_json" / "valid_valley_.json").write_text(
+        json.dumps(entry("video", "valley/2.mp4", "<video>\nDescribe the video.", "colours change"))
+    )
+    data = OmegaConf.load(CONFIGS / "data" / "video_llava_pretrain.yaml")
+    data.builder.root = str(root)
+    records = instantiate(data.builder)
+    assert [r.id for r in records] == ["llava_image/1.jpg/0", "valley/2.mp4/0"]
+
+    model_cfg = OmegaConf.load(CONFIGS / "model" / "tiny_llama.yaml")
+    tokenizer = instantiate(model_cfg.tokenizer)
+    model = build_multimodal_lm(
+        instantiate(model_cfg.backbone),
+        tokenizer,
+        encoders={"visual": instantiate(OmegaConf.load(CONFIGS / "encoder" / "visual" / "clip_tiny_random.yaml"))},
+        projector=OmegaConf.load(CONFIGS / "projector" / "qformer_tiny.yaml"),
+        chat_template=model_cfg.chat_template,
+    ).eval()
+    media_cfg = OmegaConf.to_container(data.media)
+    dataset = MultimodalDataset(records, loader=build_media_loader(media_cfg, model.encoders["visual"]))
+    tokens = model.projectors["visual"].config.num_queries
+    batch = MultimodalCollator(tokenizer, {"visual": tokens}, media_kind="raw")([dataset[0], dataset[1]])
+    assert batch["media"]["visual"].shape[0] == 1 + 8
+    visual_tokens = (batch["input_ids"] == tokenizer.convert_tokens_to_ids("<image>")).sum(dim=1)
+    video_tokens = (batch["input_ids"] == tokenizer.convert_tokens_to_ids("<video>")).sum(dim=1)
+    assert visual_tokens.tolist() == [tokens, 0] and video_tokens.tolist() == [0, 8 * tokens]
+    with torch.no_grad():
+        output = model(batch)
+    assert torch.isfinite(output.loss)

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-from moka_train.data.datasets.llava import build_llava_instruct, build_llava_pretrain
+from moka_train.data.datasets.llava import build_llava_instruct, build_llava_pretrain, build_video_llava_pretrain
 from moka_train.data.datasets.mmbench import build_mmbench
 from moka_train.data.datasets.mme import build_mme
 from moka_train.data.datasets.pope import build_pope
@@ -103,7 +103,7 @@ def write_llava(root: Path, entries=None, name: str = "llava_instruct_150k.json"
 
 def test_llava_instruct_single_turns_like_the_official_vt_code(tmp_path):
     root = write_llava(tmp_path)
-    with pytest.warns(UserWarning, match=r"skipped 1 of 3 entries without an image .*text_1"):
+    with pytest.warns(UserWarning, match=r"skipped 1 of 3 entries with no image .*text_1"):
         records = build_llava_instruct(root)
     check_common(records)
     assert [r.id for r in records] == [
@@ -210,6 +210,89 @@ def test_llava_pretrain_captions(tmp_path):
     write_llava(tmp_path, [*entries, LLAVA_ENTRIES[2]], name="blip_laion_cc_sbu_558k.json", folder="images")
     with pytest.raises(ValueError, match="entry 2 .* has no image"):
         build_llava_pretrain(root)
+
+
+VIDEO_LLAVA_IMAGES = [
+    {
+        "id": "004539375",
+        "image": "llava_image/00453/004539375.jpg",
+        "conversations": [
+            {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+            {"from": "gpt", "value": "select luxury furniture 3 - inch gel memory foam mattress topper"},
+        ],
+    }
+]
+VIDEO_LLAVA_VIDEOS = [
+    {
+        "id": "v_2Kf0ZfS6lhQ",
+        "video": "valley/005401_005450/1040617261.mp4",
+        "conversations": [
+            {"from": "human", "value": "<video>\nDescribe what is happening in this video."},
+            {"from": "gpt", "value": "A chef slices tomatoes on a wooden board"},
+        ],
+    },
+    {
+        "id": "v_3aNQ1Mj2Xo0",
+        "video": "valley/005401_005450/1040620418.mp4",
+        "conversations": [
+            {"from": "human", "value": "Summarize the video briefly.\n<video>"},
+            {"from": "gpt", "value": "Waves roll onto a beach at sunset"},
+        ],
+    },
+]
+VIDEO_LINE = "This is a video:\n<video_start><video><video_end>\n"
+
+
+def write_video_llava(root: Path, images=VIDEO_LLAVA_IMAGES, videos=VIDEO_LLAVA_VIDEOS) -> Path:
+    """Video-LLaVA's layout: train_json/ beside the media folders the entries' paths name."""
+    (root / "train_json").mkdir(parents=True, exist_ok=True)
+    (root / "train_json" / "llava_image_.json").write_text(json.dumps(images))
+    (root / "train_json" / "valid_valley_.json").write_text(json.dumps(videos))
+    for entry in [*images, *videos]:
+        touch(root / entry.get("image", entry.get("video")))
+    return root
+
+
+def test_video_llava_pretrain_images_then_valley_videos(tmp_path):
+    root = write_video_llava(tmp_path)
+    records = build_video_llava_pretrain(root)
+    check_common(records)
+    assert [r.id for r in records] == [
+        "llava_image/004539375/0",
+        "valley/v_2Kf0ZfS6lhQ/0",
+        "valley/v_3aNQ1Mj2Xo0/0",
+    ]
+    assert user_turn(records[0]) == IMAGE_LINE + "Render a clear and concise summary of the photo."
+    assert records[1].messages == [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": VIDEO_LINE + "Describe what is happening in this video."},
+        {"role": "assistant", "content": "A chef slices tomatoes on a wooden board"},
+    ]
+    assert question_text(records[2]) == "Summarize the video briefly."
+    assert [(m.modality, m.kind) for r in records for m in r.media] == [("visual", "image"), *[("visual", "video")] * 2]
+    assert records[2].media[0].path == str(root.resolve() / "valley" / "005401_005450" / "1040620418.mp4")
+    assert records[2].metadata["video"] == "valley/005401_005450/1040620418.mp4"
+    assert records[0].metadata["image"] == "llava_image/00453/004539375.jpg"
+    # Either part alone.
+    assert [r.id for r in build_video_llava_pretrain(root, video_annotation=None)] == ["llava_image/004539375/0"]
+    assert len(build_video_llava_pretrain(root, image_annotation=None)) == 2
+    with pytest.raises(ValueError, match="both None"):
+        build_video_llava_pretrain(root, image_annotation=None, video_annotation=None)
+
+
+def test_video_llava_pretrain_bad_entries_and_missing_videos(tmp_path):
+    root = write_video_llava(tmp_path)
+    (root / VIDEO_LLAVA_VIDEOS[1]["video"]).unlink()
+    with pytest.raises(FileNotFoundError, match=r"valley/v_3aNQ1Mj2Xo0/0.*1040620418\.mp4"):
+        build_video_llava_pretrain(root)
+    with pytest.warns(UserWarning, match="skipped 1 of 2 records whose media are missing"):
+        records = build_video_llava_pretrain(root, on_missing="skip")
+    assert [r.id for r in records] == ["llava_image/004539375/0", "valley/v_2Kf0ZfS6lhQ/0"]
+    # A Valley entry without its video (an image instead) is named, with the file.
+    no_video = [{**VIDEO_LLAVA_IMAGES[0], "id": "v_x"}]
+    write_video_llava(root, videos=no_video)
+    with pytest.raises(ValueError, match=r"valid_valley_\.json: entry 0 \(id 'v_x'\) has no video"):
+        build_video_llava_pretrain(root)
 
 
 def test_llava_missing_image(tmp_path):

@@ -19,6 +19,7 @@ AUDIO_VISUAL = (
     "This is a video:\n<video_start><video><video_end>\nThis is an audio:\n<audio_start><audio><audio_end>\n{question}"
 )
 VISUAL = "This is an image:\n<image_start><image><image_end>\n{question}"
+VIDEO = "This is a video:\n<video_start><video><video_end>\n{question}"
 AUDIO = "This is an audio:\n<audio_start><audio><audio_end>\n{question}"
 SPEECH = "This is a speech clip:\n<speech_start><speech><speech_end>\n{question}"
 

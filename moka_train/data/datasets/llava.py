@@ -25,6 +25,13 @@ LLaVA-Pretrain (stage 1): the same format with one pair per entry, the human tur
 ("Give a brief description of the image.") and the gpt turn the caption. The instruction is the question
 (MokA's cross-attention keys read it); the default prompt has no "Please answer this question" lead-in.
 
+Video-LLaVA's pretraining corpus (the official AVT stage 1 of the visual projector, through Crab's
+``PretrainDataset``): under one root, ``train_json/llava_image_.json`` (the same 558K image captions, the
+``image`` paths relative to the root) and ``train_json/valid_valley_.json`` (Valley's video captions: the
+same format with ``video`` for ``image`` and ``<video>`` in the human turn). Both parts are one builder's
+records, so one stage-1 run trains the visual projector on images and videos mixed in its batches (an image
+is one frame, a video ``media.frames`` frames, 8 in the official run).
+
 Record ids: ``<name>/<entry id>/<pair>`` (``llava_instruct/000000033471/0``); an entry id that occurs more
 than once in the file (the 665K mix has such ids) becomes ``<entry id>@<position in the file>`` for every
 occurrence, so ids are unique within a build and stable for the same file.
@@ -38,7 +45,7 @@ key            value
 ``index``      the entry's position in the JSON list
 ``turn``       the pair's number in the conversation (0-based)
 ``num_turns``  how many human/gpt pairs the conversation has
-``image``      the entry's ``image`` as written (None for a kept text-only entry)
+``image``      the entry's ``image`` as written (None for a kept text-only entry); ``video`` for Valley
 ``answer``     the gpt turn (the target; also the record's assistant turn)
 ``split``      ``"train"``
 =============  =========================================================================================
@@ -53,14 +60,14 @@ from pathlib import Path
 from typing import Any
 
 from moka_train.data.datasets.common import id_field, load_json_array, require_fields, resolve_root
-from moka_train.data.prompts import QUESTION_FIELD, VISUAL, Prompt
+from moka_train.data.prompts import QUESTION_FIELD, VIDEO, VISUAL, Prompt
 from moka_train.data.records import MediaRef, Record, check_media
 
-IMAGE_TOKEN = "<image>"
 TEXT_ONLY = ("skip", "keep", "error")
 SPLITS = ("train",)
 INSTRUCT_PROMPT = Prompt(VISUAL, question_prefix="Please answer this question: ")
 PRETRAIN_PROMPT = Prompt(VISUAL)
+VIDEO_PRETRAIN_PROMPT = Prompt(VIDEO)
 
 
 def build_llava_instruct(
@@ -99,6 +106,36 @@ def build_llava_pretrain(
     )
 
 
+def build_video_llava_pretrain(
+    root: str | os.PathLike,
+    split: str = "train",
+    prompt: Prompt | None = None,
+    on_missing: str = "error",
+    *,
+    image_annotation: str | None = "train_json/llava_image_.json",
+    video_annotation: str | None = "train_json/valid_valley_.json",
+    media_folder: str = ".",
+    video_prompt: Prompt | None = None,
+) -> list[Record]:
+    """Records of Video-LLaVA's pretraining corpus: the image captions of ``image_annotation`` (ids
+    ``llava_image/...``, ``prompt``) then the Valley video captions of ``video_annotation`` (ids ``valley/...``,
+    ``video_prompt``), media paths relative to ``root / media_folder``. Either annotation may be None to
+    leave that part out. Every entry must have its image or video."""
+    if image_annotation is None and video_annotation is None:
+        raise ValueError("video_llava_pretrain: image_annotation and video_annotation are both None (no records)")
+    records: list[Record] = []
+    if image_annotation is not None:
+        records += _build(
+            "llava_image", root, split, prompt or PRETRAIN_PROMPT, on_missing, image_annotation, media_folder, "error"
+        )
+    if video_annotation is not None:
+        video_prompt = video_prompt or VIDEO_PRETRAIN_PROMPT
+        records += _build(
+            "valley", root, split, video_prompt, on_missing, video_annotation, media_folder, "error", media="video"
+        )
+    return records
+
+
 def _build(
     name: str,
     root: str | os.PathLike,
@@ -106,16 +143,18 @@ def _build(
     prompt: Prompt,
     on_missing: str,
     annotation: str,
-    image_folder: str,
+    media_folder: str,
     text_only: str,
+    media: str = "image",
 ) -> list[Record]:
+    """One LLaVA-format file; ``media`` names the entry key, the placeholder (``<image>``) and the media kind."""
     if split not in SPLITS:
         raise ValueError(f"{name}: split must be one of {SPLITS} (LLaVA's files are training data), got {split!r}")
     if text_only not in TEXT_ONLY:
         raise ValueError(f"{name}: text_only must be one of {TEXT_ONLY}, got {text_only!r}")
     root = resolve_root(root)
     path = root / annotation
-    images = root / image_folder
+    folder = root / media_folder
     entries = _load_entries(path)
     # Text-only entries still carry the system turn and the question prefix of the configured prompt.
     text_prompt = Prompt(QUESTION_FIELD, system=prompt.system, question_prefix=prompt.question_prefix)
@@ -129,38 +168,38 @@ def _build(
         except ValueError as error:
             raise ValueError(f"{path}: entry {index}: {error}") from None
         where = f"{path}: entry {index} (id {source_id!r})"
-        image = entry.get("image")
-        if image is None:
+        item = entry.get(media)
+        if item is None:
             if text_only == "error":
-                raise ValueError(f"{where} has no image (text_only: skip or keep accepts such entries)")
+                raise ValueError(f"{where} has no {media} (text_only: skip or keep accepts such entries)")
             if text_only == "skip":
                 skipped_text_only.append(source_id)
                 continue
-        elif not isinstance(image, str) or not image:
-            raise ValueError(f"{where}: 'image' must be a non-empty string, got {image!r}")
+        elif not isinstance(item, str) or not item:
+            raise ValueError(f"{where}: {media!r} must be a non-empty string, got {item!r}")
         record_key = source_id if id_counts[source_id] == 1 else f"{source_id}@{index}"
-        pairs = _pairs(entry, where)
+        pairs = _pairs(entry, where, f"<{media}>")
         for turn, (question, answer) in enumerate(pairs):
-            media = [] if image is None else [MediaRef("visual", str(images / image), "image")]
-            messages, span = (text_prompt if image is None else prompt).messages(question, answer)
+            refs = [] if item is None else [MediaRef("visual", str(folder / item), media)]
+            messages, span = (text_prompt if item is None else prompt).messages(question, answer)
             metadata = {
                 "source_id": source_id,
                 "index": index,
                 "turn": turn,
                 "num_turns": len(pairs),
-                "image": image,
+                media: item,
                 "answer": answer,
                 "split": split,
             }
             try:
-                records.append(Record(f"{name}/{record_key}/{turn}", messages, span, media, metadata))
+                records.append(Record(f"{name}/{record_key}/{turn}", messages, span, refs, metadata))
             except ValueError as error:  # e.g. a media placeholder such as "<video>" written inside the text
                 raise ValueError(f"{where}, turn {turn}: {error}") from None
     if skipped_text_only:
         more = len(skipped_text_only) - 5
         shown = ", ".join(skipped_text_only[:5]) + (f" and {more} more" if more > 0 else "")
         warnings.warn(
-            f"{path}: skipped {len(skipped_text_only)} of {len(entries)} entries without an image "
+            f"{path}: skipped {len(skipped_text_only)} of {len(entries)} entries with no {media} "
             f"(text_only: skip): {shown}",
             stacklevel=3,
         )
@@ -176,8 +215,8 @@ def _load_entries(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def _pairs(entry: dict[str, Any], where: str) -> list[tuple[str, str]]:
-    """(question, answer) per human/gpt pair: turns 2k and 2k+1, the human text without ``<image>``."""
+def _pairs(entry: dict[str, Any], where: str, placeholder: str) -> list[tuple[str, str]]:
+    """(question, answer) per human/gpt pair: turns 2k and 2k+1, the human text without ``placeholder``."""
     conversation = entry.get("conversations")
     if not isinstance(conversation, list) or not conversation:
         raise ValueError(f"{where}: 'conversations' must be a non-empty list of turns, got {conversation!r}")
@@ -194,5 +233,5 @@ def _pairs(entry: dict[str, Any], where: str) -> list[tuple[str, str]]:
                     f"(turns alternate human, gpt), got {item!r}"
                 )
             values.append(item["value"])
-        pairs.append((values[0].replace(IMAGE_TOKEN, "").strip(), values[1]))
+        pairs.append((values[0].replace(placeholder, "").strip(), values[1]))
     return pairs
