@@ -175,25 +175,28 @@ def test_llava_repeated_ids_stay_unique_and_stable(tmp_path):
     assert ids == [r.id for r in build_llava_instruct(root)]
 
 
+LLAVA_PRETRAIN_ENTRIES = [
+    {
+        "id": "004539375",
+        "image": "00453/004539375.jpg",
+        "conversations": [
+            {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+            {"from": "gpt", "value": "select luxury furniture 3 - inch gel memory foam mattress topper"},
+        ],
+    },
+    {
+        "id": "002239345",
+        "image": "00223/002239345.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nGive a brief description of the image."},
+            {"from": "gpt", "value": "a grey watch with an army style strap"},
+        ],
+    },
+]
+
+
 def test_llava_pretrain_captions(tmp_path):
-    entries = [
-        {
-            "id": "004539375",
-            "image": "00453/004539375.jpg",
-            "conversations": [
-                {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
-                {"from": "gpt", "value": "select luxury furniture 3 - inch gel memory foam mattress topper"},
-            ],
-        },
-        {
-            "id": "002239345",
-            "image": "00223/002239345.jpg",
-            "conversations": [
-                {"from": "human", "value": "<image>\nGive a brief description of the image."},
-                {"from": "gpt", "value": "a grey watch with an army style strap"},
-            ],
-        },
-    ]
+    entries = LLAVA_PRETRAIN_ENTRIES
     root = write_llava(tmp_path, entries, name="blip_laion_cc_sbu_558k.json", folder="images")
     records = build_llava_pretrain(root)
     check_common(records)
@@ -212,16 +215,8 @@ def test_llava_pretrain_captions(tmp_path):
         build_llava_pretrain(root)
 
 
-VIDEO_LLAVA_IMAGES = [
-    {
-        "id": "004539375",
-        "image": "llava_image/00453/004539375.jpg",
-        "conversations": [
-            {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
-            {"from": "gpt", "value": "select luxury furniture 3 - inch gel memory foam mattress topper"},
-        ],
-    }
-]
+# Video-LLaVA's llava_image_.json: the same captions, the paths under llava_image/.
+VIDEO_LLAVA_IMAGES = [{**LLAVA_PRETRAIN_ENTRIES[0], "image": "llava_image/00453/004539375.jpg"}]
 VIDEO_LLAVA_VIDEOS = [
     {
         "id": "v_2Kf0ZfS6lhQ",
