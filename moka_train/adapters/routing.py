@@ -77,11 +77,11 @@ class TokenRouting:
         """The media tokens (every non-text, non-pad token), packed per sample."""
         return AttentionKeys.from_mask(self.modality_index > 0)
 
-    def inverse_sqrt_count(self, slots: AttentionKeys, dtype: torch.dtype) -> Tensor:
-        """1/sqrt(number of keys) per sample, [B, 1, 1] (1 for a sample without keys)."""
-        key = ("rsqrt", id(slots), dtype)
+    def inverse_sqrt_count(self, slots: AttentionKeys, dtype: torch.dtype, factor: float = 1.0) -> Tensor:
+        """``factor``/sqrt(number of keys) per sample, [B, 1, 1] (``factor`` for a sample without keys)."""
+        key = ("rsqrt", id(slots), dtype, factor)
         if key not in self._cache:
-            self._cache[key] = slots.count.clamp(min=1).to(dtype).rsqrt().view(-1, 1, 1)
+            self._cache[key] = slots.count.clamp(min=1).to(dtype).rsqrt().view(-1, 1, 1) * factor
         return self._cache[key]
 
     def question_mean_weights(self, dtype: torch.dtype) -> Tensor:
@@ -101,12 +101,14 @@ class TokenRouting:
             self._cache[key] = (hot * (index >= 0).unsqueeze(-1)).to(dtype)
         return self._cache[key]
 
-    def own_columns(self, rank: int, dtype: torch.dtype) -> Tensor:
-        """[B, L, M * rank]: 1 on the ``rank`` columns of each token's modality, 0 elsewhere and at pads (what
-        ``lowrank.select_own_modality`` multiplies every A's output by)."""
-        key = ("columns", rank, dtype)
+    def own_columns(self, rank: int, dtype: torch.dtype, value: float = 1.0) -> Tensor:
+        """[B, L, M * rank]: ``value`` on the ``rank`` columns of each token's modality, 0 elsewhere and at pads
+        (what ``lowrank.select_own_modality`` multiplies every A's output by; a ``value`` other than 1 scales the
+        selection at no extra cost)."""
+        key = ("columns", rank, dtype, value)
         if key not in self._cache:
-            self._cache[key] = self.onehot(dtype).repeat_interleave(rank, dim=-1)
+            columns = self.onehot(dtype).repeat_interleave(rank, dim=-1)
+            self._cache[key] = columns if value == 1.0 else columns * value
         return self._cache[key]
 
     def per_modality(self, values: tuple[float, ...], dtype: torch.dtype) -> Tensor:

@@ -32,7 +32,9 @@ class LoraLinear(AdaptedLinear):
         self.scaling = config.alpha / rank
 
     def delta(self, x: Tensor, tokens: TokenRouting | None) -> Tensor:
-        return self.lora_B["default"](self.lora_A["default"](x)) * self.scaling
+        # s on the rank-r activations rather than on B's full-width output (peft's order): the same values
+        # (bit for bit when s is a power of two, as 16 / 4) for a product r / out_features the size.
+        return self.lora_B["default"](self.lora_A["default"](x) * self.scaling)
 
     def merged_weight(self) -> Tensor:
         """``W0 + s B A`` [out, in] in float32 (float64 for a float64 layer): what ``adapters.merge`` writes."""

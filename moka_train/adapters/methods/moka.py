@@ -58,23 +58,23 @@ class MokaLinear(AdaptedLinear):
         self.attention_recorder: Callable[[MokaLinear, Tensor, TokenRouting], None] | None = None
 
     def delta(self, x: Tensor, tokens: TokenRouting) -> Tensor:
+        # s goes on the low-rank activations in both scaling positions, inside the per-token selection (its
+        # mask holds s instead of 1), so no full-width product follows B: s B a' = B (s a') for after_b, whose
+        # interactions are linear in a except the attention logits, which key_scale divides by s^2.
         a_all = fused_down(x, [layer.weight for layer in self.lora_A.values()])
         if tokens.all_text:
-            a = a_all[..., : self.rank]
-        else:
-            a = select_own_modality(a_all, tokens.own_columns(self.rank, a_all.dtype), self.rank)
-        if self.scale_before_interaction:
-            a = a * self.scaling
-        if not tokens.all_text:
-            a = self.interact(a, tokens)
-        out = self.lora_B(a)
-        return out if self.scale_before_interaction else out * self.scaling
+            return self.lora_B(a_all[..., : self.rank] * self.scaling)
+        columns = tokens.own_columns(self.rank, a_all.dtype, self.scaling)
+        return self.lora_B(self.interact(select_own_modality(a_all, columns, self.rank), tokens))
 
     def key_scale(self, tokens: TokenRouting, slots: AttentionKeys, dtype: torch.dtype) -> Tensor | float:
-        """1/sqrt(S) per sample: S = the sample's number of key tokens, or r."""
+        """1/sqrt(S) per sample: S = the sample's number of key tokens, or r. Queries and keys arrive scaled by
+        s; with ``scaling_position = after_b`` the logits are those of the unscaled activations, so the scale
+        also divides by s^2 (exact for a power-of-two s such as 16 / 4)."""
+        factor = 1.0 if self.scale_before_interaction else self.scaling**-2
         if self.config.attn_scale == "rank":
-            return self.rank**-0.5
-        return tokens.inverse_sqrt_count(slots, dtype)
+            return self.rank**-0.5 * factor
+        return tokens.inverse_sqrt_count(slots, dtype, factor)
 
     def interact(self, a: Tensor, tokens: TokenRouting) -> Tensor:
         if not (tokens.has_media and tokens.has_question):

@@ -79,8 +79,8 @@ class UniMultimodalLoraLinear(AdaptedLinear):
             nn.init.zeros_(self.lora_gate.weight)
             nn.init.zeros_(self.lora_gate.bias)
         self.scaling = config.alpha / self.rank
-        # 1 at every configured modality: per_modality() turns it into the non-pad mask.
-        self._non_pad = (1.0,) * self.num_modalities
+        # s at every configured modality: per_modality() turns it into the non-pad mask, times s.
+        self._scaled_non_pad = (self.scaling,) * self.num_modalities
 
     def delta(self, x: Tensor, tokens: TokenRouting) -> Tensor:
         weights = [layer.weight for layer in self.lora_A.values()]
@@ -89,17 +89,19 @@ class UniMultimodalLoraLinear(AdaptedLinear):
         a_all = fused_down(x, weights)  # [B, L, N r | r | (1)]
         uni_width = self.num_modalities * self.rank
         a_mm = a_all[..., uni_width : uni_width + self.rank]
+        # s goes on the rank-r activations (free inside the routing masks), not on the full-width output.
         if tokens.all_text:
-            a_uni = a_all[..., : self.rank]  # text is the first configured modality
+            a_uni = a_all[..., : self.rank] * self.scaling  # text is the first configured modality
+            a_mm = a_mm * self.scaling
         else:
-            own = tokens.own_columns(self.rank, a_all.dtype)
+            own = tokens.own_columns(self.rank, a_all.dtype, self.scaling)
             a_uni = select_own_modality(a_all[..., :uni_width], own, self.rank)  # pads: 0
-            a_mm = a_mm * tokens.per_modality(self._non_pad, a_all.dtype).unsqueeze(-1)
+            a_mm = a_mm * tokens.per_modality(self._scaled_non_pad, a_all.dtype).unsqueeze(-1)
         if self.gated:
             gate = torch.sigmoid(a_all[..., -1:] + self.lora_gate.bias)
             a_uni, a_mm = gate * a_uni, (1.0 - gate) * a_mm
         up = [self.lora_B[UNIMODAL].weight, self.lora_B[MULTIMODAL].weight]
-        return fused_up(torch.cat([a_uni, a_mm], dim=-1), up) * self.scaling
+        return fused_up(torch.cat([a_uni, a_mm], dim=-1), up)
 
 
 @register_method("uni_mm_lora_gate")
