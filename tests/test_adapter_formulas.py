@@ -159,6 +159,27 @@ def test_variants_differ_from_each_other():
                 assert not torch.allclose(deltas[a], deltas[b], atol=1e-4), (a, b)
 
 
+@pytest.mark.parametrize("method", ["lora", "moka", "text_query", "naive", "uni_mm_lora", "uni_mm_lora_gate"])
+def test_scaling_in_the_rank_space_is_exact_for_a_power_of_two(method):
+    """alpha / r multiplies the rank-r activations (inside the routing masks), not B's output, and MokA's
+    attention scale undoes it on the logits: the delta is linear in s, so with the same weights s = 16 / 4 gives
+    4 times the delta of s = 4 / 4, bit for bit since 4 is a power of two."""
+    deltas = []
+    for alpha in (4.0, 16.0):
+        torch.manual_seed(0)
+        cfg = AdapterConfig(method=method, rank=4, alpha=alpha, target_modules=["q_proj"])
+        model = inject_adapters(OneLinear(), cfg)
+        randomize_adapters(model, seed=1, std=0.5)
+        ids, question, _ = routing_batch(LAYOUTS[:3], pad_side="right")
+        x = torch.randn(*ids.shape, IN)
+        set_routing(model, ids, question)
+        layer = model.q_proj
+        with torch.no_grad():
+            deltas.append(layer.delta(x, layer.routing.tokens_for(x, required=layer.uses_routing)))
+    assert deltas[0].abs().max() > 0.1
+    assert torch.equal(deltas[1], 4 * deltas[0])
+
+
 def test_moka_equals_no_ca_with_lambda_zero():
     lam0 = AdapterConfig(method="moka", rank=3, target_modules=["q_proj"], cross_attn_lambda=0.0)
     no_ca = AdapterConfig(method="moka_no_ca", rank=3, target_modules=["q_proj"])
