@@ -28,9 +28,9 @@ def fused_up(a: Tensor, weights: Sequence[Tensor]) -> Tensor:
 def select_own_modality(a_all: Tensor, own_columns: Tensor, rank: int) -> Tensor:
     """Per token, the low-rank output of its own modality's A.
 
-    ``a_all``: ``[B, L, M * r]`` (every A on every token); ``own_columns``: ``[B, L, M * r]``, 1 on the r columns
-    of the token's modality and 0 elsewhere (all zero for pads; ``TokenRouting.own_columns``). Returns
-    ``[B, L, r]``; pads get zeros.
+    ``a_all``: ``[B, L, M * r]`` (every A on every token); ``own_columns``: ``[B, L, M * r]``, 1 (or a scale that
+    the selection then applies) on the r columns of the token's modality and 0 elsewhere (all zero for pads;
+    ``TokenRouting.own_columns``). Returns ``[B, L, r]``; pads get zeros.
     """
     # A same-shape product, then one matmul adding the M column blocks (exact: one term is kept, the others
     # are zeros). Broadcasting a [B, L, M] one-hot over [B, L, M, r] and summing over M (or an einsum: B*L
