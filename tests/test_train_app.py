@@ -35,6 +35,8 @@ ATOL = 1e-6  # resumed vs uninterrupted: the same computation, repeated
 # Across process layouts the gradients agree to fp32 summation order only, and Adam divides by sqrt(v): on a weight
 # whose gradient is nearly zero that noise becomes a visible fraction of a step (lr 1e-3 here).
 ATOL_LAYOUTS = 1e-5
+# The rate each of FAST's 4 steps uses: cosine from 1e-3, no warmup.
+COSINE_RATES = [1e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
 FAST = [
     "stage.precision=fp32",
     "stage.global_batch_size=8",
@@ -102,8 +104,7 @@ def test_reference_run_writes_a_complete_run_directory(reference: Path):
     rows = read_metrics(reference / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["tokens"] > 0 for r in rows)
-    # The rate each step used: cosine over 4 steps from 1e-3, no warmup.
-    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
+    assert [r["lr"] for r in rows] == pytest.approx(COSINE_RATES)
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert [p.name for p in (reference / "checkpoints").iterdir()] == ["step-00000004"]
     assert (reference / "loss_curve.png").stat().st_size > 0
@@ -250,7 +251,7 @@ def assert_step_2_skipped(run_dir: Path) -> None:
     goes on after it."""
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and "loss" not in rows[1]
-    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
+    assert [r["lr"] for r in rows] == pytest.approx(COSINE_RATES)
     step = {s: trainables(run_dir, f"checkpoints/step-{s:08d}/trainables") for s in (1, 2, 4)}
     assert_same_trainables(step[2], step[1], 0)
     assert all(torch.isfinite(t).all() for t in step[4].values())
