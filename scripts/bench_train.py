@@ -308,7 +308,7 @@ def make_batches(dataset, collator, cfg: DictConfig, count: int, device: torch.d
     """The first ``count`` micro-batches of the recipe's plan (cycled when the data holds fewer), collated
     once and moved to ``device``, with ``encode_media`` applied as the loop does (a no-op with cached features)."""
     batch = int(cfg.stage.micro_batch_size)
-    plan = BatchPlan(len(dataset), batch, batch, 1, int(cfg.seed))
+    plan = BatchPlan(len(dataset), batch, batch, 1, int(cfg.seed), drop_last=True)  # full batches only
     available = plan.steps_per_epoch * plan.accumulation_steps
     indices = list(PlanSampler(plan, rank=0, epochs=1))[: min(count, available)]
     batches = []

@@ -4,6 +4,7 @@ runs through a tiny real model (raw media and cached features alike), overflow a
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from pathlib import Path
@@ -341,9 +342,19 @@ def test_overflow_errors_or_drops_with_a_counted_warning():
     assert batch["input_ids"].shape == (2, limit) and collate.dropped == 1
     kept_frames = [item for s in samples() if s.id != longest for item in s.media.get("visual", [])]
     torch.testing.assert_close(batch["media"]["visual"], torch.cat(kept_frames))
+    # A training batch with nothing left is one pad token, no label, no media and no id: the training loop runs it
+    # as a filler so that every rank runs every micro-step. An inference batch with nothing left is an error.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        empty = MultimodalCollator(tokenizer, TOKENS, max_length=5, on_overflow="drop")(samples())
+    assert empty["ids"] == [] and empty["dropped"] == [s.id for s in samples()]
+    assert empty["input_ids"].tolist() == [[tokenizer.pad_token_id]] and empty["labels"].tolist() == [[-100]]
+    assert empty["attention_mask"].tolist() == [[1]] and empty["modality_ids"].tolist() == [[0]]
+    assert not empty["question_mask"].any() and not empty["media"]
+    questions = [dataclasses.replace(s, messages=s.messages[:-1]) for s in samples()]
     with warnings.catch_warnings(), pytest.raises(ValueError, match="every sample of the batch was dropped"):
         warnings.simplefilter("ignore")
-        MultimodalCollator(tokenizer, TOKENS, max_length=5, on_overflow="drop")(samples())
+        MultimodalCollator(tokenizer, TOKENS, max_length=5, on_overflow="drop")(questions)
     # Exactly max_length fits.
     assert MultimodalCollator(tokenizer, TOKENS, max_length=max(lengths))(samples())["input_ids"].shape[1] == max(
         lengths

@@ -4,6 +4,7 @@ are counted per step and named per rank."""
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -57,8 +58,10 @@ def test_every_rank_skips_when_one_rank_is_nonfinite():
 def test_dropped_samples_are_counted_per_step_and_named_per_rank(tmp_path):
     """``loader.on_overflow=drop``: the run's metrics count the samples left out at each step (summed over ranks
     with the step's other totals), this rank's ids land in ``dropped_samples.rank0.tsv`` with their step, and
-    the run ends with a warning giving the total. Expected: the over-length samples of the steps' batches, found
-    by encoding each planned sample."""
+    the run ends with a warning giving the total. One sample per micro-batch, so a dropped sample leaves its
+    micro-batch empty: the collator gives one pad token in its place, which runs as a filler and counts no
+    token. Expected: the over-length samples of the steps' batches and the kept ones' lengths, found by encoding
+    each planned sample."""
     from moka_train.training.batch_plan import BatchPlan, PlanSampler
     from moka_train.training.recipe import build_data_and_model, train
     from moka_train.training.run_logger import read_metrics
@@ -66,29 +69,33 @@ def test_dropped_samples_are_counted_per_step_and_named_per_rank(tmp_path):
 
     data_root = write_demo_data(tmp_path / "data")
     overrides = [
-        "experiment=demo", "stage=instruct", "adapter=lora", f"run_dir={tmp_path / 'run'}",
+        "experiment=demo", "stage=instruct", "adapter=moka", f"run_dir={tmp_path / 'run'}",
         f"data.builder.root={data_root}", f"features.cache_dir={data_root / 'feature_cache'}",
-        "stage.global_batch_size=4", "stage.micro_batch_size=2", "stage.max_steps=3", "logger.bar=false",
+        "stage.global_batch_size=4", "stage.micro_batch_size=1", "stage.max_steps=3", "logger.bar=false",
         "loader.num_workers=0",
     ]  # fmt: skip
     cfg = compose_config("train", overrides)
     dataset, _, collator, _ = build_data_and_model(cfg, CPU)
     lengths = [len(collator.encode(dataset[i])) for i in range(len(dataset))]
-    limit = sorted(lengths)[-4]  # the few longest samples are over it
-    assert min(lengths) < limit < max(lengths)
-    plan = BatchPlan(len(dataset), 4, 2, 1, cfg.seed)
-    steps = [[], [], []]
-    for n, micro_batch in enumerate(PlanSampler(plan, rank=0, epochs=1, max_steps=3)):
-        if all(lengths[i] > limit for i in micro_batch):
-            pytest.skip("a whole micro-batch is over the limit; the collator would refuse it")
-        steps[n // 2] += [dataset[i].id for i in micro_batch if lengths[i] > limit]
-    assert sum(map(len, steps)) > 0
+    plan = BatchPlan(len(dataset), 4, 1, 1, cfg.seed)
+    planned = list(PlanSampler(plan, rank=0, epochs=1, max_steps=3))
+    # A limit that leaves out some, not all, of the planned samples.
+    limit = sorted(lengths[i] for (i,) in planned)[-3]
+    steps, tokens = [[], [], []], [0, 0, 0]
+    for n, (i,) in enumerate(planned):
+        if lengths[i] > limit:
+            steps[n // 4].append(dataset[i].id)
+        else:
+            tokens[n // 4] += lengths[i]
+    assert 0 < sum(map(len, steps)) < len(planned)
 
     cfg = compose_config("train", [*overrides, f"loader.max_length={limit}", "loader.on_overflow=drop"])
     with pytest.warns(UserWarning, match="dropped sample"):
         run_dir = train(cfg)
     metrics = read_metrics(run_dir / "metrics.jsonl")
     assert [r["dropped_samples"] for r in metrics] == [float(len(ids)) for ids in steps]
+    assert [r["tokens"] for r in metrics] == [float(t) for t in tokens]
+    assert all(math.isfinite(r["loss"]) for r in metrics)
     lines = (run_dir / "dropped_samples.rank0.tsv").read_text().splitlines()
     assert lines == [f"{step}\t{sample_id}" for step, ids in enumerate(steps, 1) for sample_id in ids]
     assert f"{sum(map(len, steps))} sample(s) left out of their batches" in (run_dir / "train.log").read_text()

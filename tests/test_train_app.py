@@ -1,9 +1,12 @@
 """scripts/train.py end to end on the CPU: the real Hydra app, torchrun, gloo and DeepSpeed, on the demo data.
 
 Every run trains MokA (fp32) for a few steps on questions whose batches mix modalities
-(tests/train_data.py). The reference is one process without DeepSpeed; with the loss normalised by each
-step's global label count, a 2-node torchrun (DDP) and 2-rank DeepSpeed ZeRO-2, ZeRO-2 with CPU offload and
-ZeRO-3 must end with the same trainables and log the same losses, up to fp32 summation order. A run killed
+(tests/train_data.py). The reference is one process without DeepSpeed, one micro-batch per step; with the loss
+normalised by each step's global label count, a 2-node torchrun (DDP) and 2-rank DeepSpeed ZeRO-2, ZeRO-2 with
+CPU offload and ZeRO-3 (2 ranks x 2 samples x 2 accumulation steps) must end with the same trainables and log
+the same losses and token counts, up to fp32 summation order. The 4 steps are one epoch of 27 samples: the last
+step holds the 3 left over, so on 2 ranks one of rank 1's micro-steps is a filler whose loss must count for
+nothing (the reference has none). A run killed
 after a step, or in the middle of a save, and resumed with resume=auto ends where an uninterrupted run ends.
 """
 
@@ -48,6 +51,7 @@ FAST = [
     "loader.num_workers=0",
     "logger.bar=false",
     "data.builder._target_=tests.train_data.mixed_modality_records",
+    "+data.builder.limit=27",
 ]
 
 
@@ -87,6 +91,11 @@ def assert_same_trainables(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor
     assert worst <= atol, f"trainables differ by up to {worst}"
 
 
+def token_counts(run_dir: Path) -> list[float]:
+    """The logged tokens per step (a filler's are not counted)."""
+    return [row["tokens"] for row in read_metrics(run_dir / "metrics.jsonl")]
+
+
 def losses(run_dir: Path) -> list[float]:
     """The logged losses (a skipped step logs none)."""
     return [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
@@ -95,12 +104,13 @@ def losses(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, demo_root: Path) -> Path:
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    train(run_dir, demo_root, "deepspeed=none")
+    train(run_dir, demo_root, "deepspeed=none", "stage.micro_batch_size=8")
     return run_dir
 
 
 def test_reference_run_writes_a_complete_run_directory(reference: Path):
     assert (reference / "config.yaml").is_file() and (reference / "train.log").is_file()
+    assert "27 samples, 4 steps per epoch of 8" in (reference / "train.log").read_text()
     rows = read_metrics(reference / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["tokens"] > 0 for r in rows)
@@ -146,6 +156,7 @@ def test_two_node_launch_matches_one_process(reference: Path, demo_root: Path, t
         assert p.returncode == 0, describe(c, p.returncode, out)
     assert "(2 rank(s) on cpu)" in outputs[0]
     assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-6)
+    assert token_counts(run_dir) == token_counts(reference)
     assert_same_trainables(trainables(run_dir), trainables(reference), ATOL_LAYOUTS)
 
 
@@ -156,6 +167,7 @@ def test_deepspeed_matches_one_process(preset: str, reference: Path, demo_root: 
     run_dir = tmp_path / "run"
     train(run_dir, demo_root, f"deepspeed={preset}", nproc=2)
     assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-6)
+    assert token_counts(run_dir) == token_counts(reference)
     assert_same_trainables(trainables(run_dir), trainables(reference), ATOL_LAYOUTS)
     if preset == "zero3":
         # The trainables of a partitioned run load into a fresh model built from the run's own config,

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 
-from moka_train.training.batch_plan import BatchPlan
+from moka_train.training.batch_plan import BatchPlan, PlanSampler
 from moka_train.training.recipe import check_config, fingerprinted_config, init_entries
 from tests.launch import ROOT
 
@@ -90,4 +90,82 @@ def test_batch_plan_splits_each_global_batch_the_same_way_for_any_layout():
     with pytest.raises(ValueError, match="not a multiple"):
         BatchPlan(40, global_batch_size=8, micro_batch_size=3, world_size=1, seed=0)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        BatchPlan(4, global_batch_size=8, micro_batch_size=2, world_size=1, seed=0)
+        BatchPlan(4, global_batch_size=8, micro_batch_size=2, world_size=1, seed=0, drop_last=True)
+    with pytest.raises(ValueError, match="no samples"):
+        BatchPlan(0, global_batch_size=8, micro_batch_size=2, world_size=1, seed=0)
+
+
+# (micro-batch size, ranks) layouts of a global batch of 8: accumulation 1, 2, 4 and 8 slots of 1 to 8 samples.
+LAYOUTS = [(8, 1), (2, 2), (1, 4), (4, 1), (1, 8), (2, 1)]
+
+
+@pytest.mark.parametrize("num_samples", [8, 11, 37, 5])
+def test_an_epoch_trains_every_sample_once_in_any_layout(num_samples: int):
+    """The last step of an epoch holds the samples after its full global batches; every rank still runs its
+    accumulation steps, slots without a sample carrying a filler (the step's first sample, loss zeroed).
+    Expected, independently of the plan's arithmetic: each epoch's real micro-batches hold the epoch's
+    permutation exactly once, in order, and each step holds the same samples in every layout."""
+    steps = -(-num_samples // 8)
+    per_layout = []
+    for micro, world in LAYOUTS:
+        plan = BatchPlan(num_samples, global_batch_size=8, micro_batch_size=micro, world_size=world, seed=5)
+        assert plan.steps_per_epoch == steps and plan.remainder == num_samples % 8
+        epochs = []
+        for epoch in (0, 1):
+            taken = []
+            for step in range(steps):
+                per_rank = [plan.micro_batches(epoch, step, rank) for rank in range(world)]
+                fillers = [plan.fillers(step, rank) for rank in range(world)]
+                assert all(len(m) == len(f) == plan.accumulation_steps for m, f in zip(per_rank, fillers, strict=True))
+                first = per_rank[0][0]
+                assert not fillers[0][0] and first  # the first slot always holds a sample
+                # Slot order: micro-step a of rank r is slot a * world + r, as in a full step.
+                in_slot_order = [
+                    (per_rank[r][a], fillers[r][a]) for a in range(plan.accumulation_steps) for r in range(world)
+                ]
+                for micro_batch, filler in in_slot_order:
+                    assert 1 <= len(micro_batch) <= micro
+                    if filler:
+                        assert micro_batch == first
+                real = [m for m, filler in in_slot_order if not filler]
+                sizes = [len(m) for m in real]
+                assert max(sizes) - min(sizes) <= 1  # the remainder is dealt evenly
+                taken.append([i for m in real for i in m])
+            assert [i for step in taken for i in step] == plan.order(epoch).tolist()
+            epochs.append(taken)
+        per_layout.append(epochs)
+    assert all(epochs == per_layout[0] for epochs in per_layout)
+
+
+def test_the_last_step_deals_the_remainder_over_ranks_then_micro_steps():
+    """11 samples, global batch 8 on 4 ranks x 1 sample x 2 accumulation steps: the last step's 3 samples take
+    slots 0-2 (micro-step 0 of ranks 0-2); the other five slots are fillers. By hand from the permutation."""
+    plan = BatchPlan(11, global_batch_size=8, micro_batch_size=1, world_size=4, seed=0)
+    order = plan.order(0).tolist()
+    assert [plan.fillers(1, rank) for rank in range(4)] == [[False, True], [False, True], [False, True], [True, True]]
+    assert [plan.micro_batches(0, 1, rank) for rank in range(4)] == [
+        [[order[8]], [order[8]]],
+        [[order[9]], [order[8]]],
+        [[order[10]], [order[8]]],
+        [[order[8]], [order[8]]],
+    ]
+    assert plan.fillers(0, 3) == [False, False]  # a full step has none
+    assert "2 steps per epoch" in plan.describe() and "the last holds the other 3 samples" in plan.describe()
+
+
+def test_drop_last_leaves_the_remainder_for_the_next_epoch():
+    plan = BatchPlan(11, global_batch_size=8, micro_batch_size=2, world_size=2, seed=0, drop_last=True)
+    assert plan.steps_per_epoch == 1 and plan.remainder == 0
+    assert plan.fillers(0, 1) == [False, False]
+    taken = [i for rank in range(2) for m in plan.micro_batches(0, 0, rank) for i in m]
+    assert sorted(taken) == sorted(plan.order(0)[:8].tolist())
+    assert "3 samples per epoch wait for the next epoch's shuffle" in plan.describe()
+
+
+def test_a_sampler_started_at_a_step_continues_the_same_order():
+    """Resume: the micro-batches from step k on are the uninterrupted run's, across the partial last step."""
+    plan = BatchPlan(13, global_batch_size=4, micro_batch_size=1, world_size=2, seed=1)
+    whole = list(PlanSampler(plan, rank=1, epochs=3))
+    assert len(whole) == 3 * plan.steps_per_epoch * plan.accumulation_steps == len(PlanSampler(plan, 1, 3))
+    for start in (1, 3, 4, 7):
+        assert list(PlanSampler(plan, rank=1, epochs=3, start_step=start)) == whole[start * 2 :]

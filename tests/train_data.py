@@ -17,8 +17,11 @@ VIDEO_BLOCK = "This is a video:\n<video_start><video><video_end>\n"
 AUDIO_BLOCK = "This is an audio:\n<audio_start><audio><audio_end>\n"
 
 
-def mixed_modality_records(root: str | Path, split: str, prompt: Prompt, **options: Any) -> list[Record]:
-    """``prompt`` must be the audio-visual one (configs/data/demo.yaml's); ``options`` go to the builder."""
+def mixed_modality_records(
+    root: str | Path, split: str, prompt: Prompt, limit: int | None = None, **options: Any
+) -> list[Record]:
+    """``prompt`` must be the audio-visual one (configs/data/demo.yaml's); ``options`` go to the builder.
+    ``limit``: the first records only (so that a short run reaches the end of an epoch)."""
     if VIDEO_BLOCK not in prompt.template or AUDIO_BLOCK not in prompt.template:
         raise ValueError("mixed_modality_records needs the audio-visual prompt")
     variants = [
@@ -31,4 +34,4 @@ def mixed_modality_records(root: str | Path, split: str, prompt: Prompt, **optio
     for i in range(len(built["av"])):
         tag = variants[i % 3][0]
         records.append(dataclasses.replace(built[tag][i], id=f"{built[tag][i].id}-{tag}"))
-    return records
+    return records[:limit]

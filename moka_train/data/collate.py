@@ -60,7 +60,8 @@ class MultimodalCollator:
     ``max_length``: the longest expanded sample allowed; ``on_overflow``: ``"error"`` stops with the
     sample's id, ``"drop"`` leaves it out with a warning and counts it in ``dropped`` (per process: with
     DataLoader workers each worker has its own copy, so read the batches' ``dropped`` ids for a total, as the
-    training loop does: ``dropped_samples`` in its metrics, summed over ranks).
+    training loop does: ``dropped_samples`` in its metrics, summed over ranks). A training batch whose samples
+    are all left out is one pad token with no label and no media, and no ``ids``: the loop runs it as a filler.
     ``padding_side``: defaults to the tokenizer's; generation needs ``"left"``.
 
     A batch is all training samples (ending with the answer) or all inference samples (ending with the
@@ -284,9 +285,13 @@ class MultimodalCollator:
             kept.append(sample)
             rows.append(row)
         if not rows:
-            raise ValueError(
-                f"every sample of the batch was dropped for exceeding max_length {self.max_length}: {dropped}"
-            )
+            if not samples[0].is_training:
+                raise ValueError(
+                    f"every sample of the batch was dropped for exceeding max_length {self.max_length}: {dropped}"
+                )
+            # A training micro-batch must still run (DeepSpeed counts micro-steps, ZeRO-3 gathers on every rank):
+            # one pad token, nothing to learn, no media (every projector then runs on its dummy segment).
+            kept, rows = [], [self._stand_in_row()]
         batch = self._pad(rows)
         if self.media_kind == "raw":
             batch.update(self._raw_media(kept))
@@ -296,6 +301,15 @@ class MultimodalCollator:
         batch["metadata"] = [sample.metadata for sample in kept]
         batch["dropped"] = dropped
         return batch
+
+    def _stand_in_row(self) -> EncodedSample:
+        pad = torch.tensor([int(self.tokenizer.pad_token_id)])
+        return EncodedSample(
+            input_ids=pad,
+            labels=torch.full_like(pad, IGNORE_INDEX),
+            modality_ids=torch.full_like(pad, int(Modality.TEXT)),
+            question_mask=torch.zeros_like(pad, dtype=torch.bool),
+        )
 
     def _pad(self, rows: list[EncodedSample]) -> dict[str, Tensor]:
         length = max(len(row) for row in rows)

@@ -8,8 +8,13 @@ however many ranks and accumulation steps share it; with the loss normalised by 
 and starts at the next global batch: the data order is a pure function of the position, which the checkpoint
 keeps (``epoch``, ``step_in_epoch``).
 
-The samples left after the last full global batch of an epoch (fewer than ``global_batch_size``) are not
-trained in that epoch; the next epoch's permutation puts others last. ``describe()`` says how many.
+An epoch trains every sample once: the samples left after its last full global batch (fewer than
+``global_batch_size``) make one last, smaller step, dealt over every rank and micro-step as evenly as they go
+(contiguous runs of the permutation, in slot order). A slot left without a sample gets a *filler*: the step's
+first sample, read again, whose loss the loop multiplies by zero (``fillers``). Every rank still runs all
+its micro-steps, so DeepSpeed's accumulation boundary and ZeRO-3's gathers stay in lockstep, and with the
+label-count normalisation the step's update is the same for any layout. ``drop_last=True`` leaves the remainder
+out instead (the next epoch's permutation puts others last), for runs that want every step at the full batch.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class BatchPlan:
     world_size: int
     seed: int
     shuffle: bool = True
+    drop_last: bool = False
 
     def __post_init__(self) -> None:
         per_pass = self.micro_batch_size * self.world_size
@@ -39,10 +45,12 @@ class BatchPlan:
                 f"stage.global_batch_size={self.global_batch_size} is not a multiple of stage.micro_batch_size="
                 f"{self.micro_batch_size} x {self.world_size} ranks = {per_pass}"
             )
-        if self.num_samples < self.global_batch_size:
+        if self.num_samples < (self.global_batch_size if self.drop_last else 1):
             raise ValueError(
                 f"the dataset has {self.num_samples} samples, fewer than one global batch "
-                f"(stage.global_batch_size={self.global_batch_size})"
+                f"(stage.global_batch_size={self.global_batch_size}) with stage.drop_last=true"
+                if self.num_samples
+                else "the dataset has no samples"
             )
 
     @property
@@ -50,15 +58,24 @@ class BatchPlan:
         return self.global_batch_size // (self.micro_batch_size * self.world_size)
 
     @property
+    def remainder(self) -> int:
+        """The samples of an epoch's last, smaller step (0: every step is a full global batch)."""
+        return 0 if self.drop_last else self.num_samples % self.global_batch_size
+
+    @property
     def steps_per_epoch(self) -> int:
-        return self.num_samples // self.global_batch_size
+        return self.num_samples // self.global_batch_size + (1 if self.remainder else 0)
 
     def describe(self) -> str:
-        left = self.num_samples - self.steps_per_epoch * self.global_batch_size
+        left = self.num_samples % self.global_batch_size
+        tail = ""
+        if self.remainder:
+            tail = f"; the last holds the other {left} samples"
+        elif left:
+            tail = f"; {left} samples per epoch wait for the next epoch's shuffle (stage.drop_last=true)"
         return (
             f"{self.num_samples} samples, {self.steps_per_epoch} steps per epoch of {self.global_batch_size} "
-            f"({self.world_size} ranks x {self.micro_batch_size} x {self.accumulation_steps} accumulation)"
-            + (f"; {left} samples per epoch wait for the next epoch's shuffle" if left else "")
+            f"({self.world_size} ranks x {self.micro_batch_size} x {self.accumulation_steps} accumulation){tail}"
         )
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -67,15 +84,32 @@ class BatchPlan:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_samples, generator=generator)
 
+    def _slot_sizes(self, step_in_epoch: int) -> list[int]:
+        """Samples per slot (slot ``a * world + rank``: micro-step ``a`` of ``rank``) at this step: the
+        micro-batch size everywhere in a full step; the remainder dealt as evenly as it goes in the last."""
+        slots = self.world_size * self.accumulation_steps
+        full = self.num_samples // self.global_batch_size
+        if step_in_epoch < full:
+            return [self.micro_batch_size] * slots
+        base, extra = divmod(self.remainder, slots)
+        return [base + (slot < extra) for slot in range(slots)]
+
     def micro_batches(self, epoch: int, step_in_epoch: int, rank: int) -> list[list[int]]:
-        """The ``accumulation_steps`` micro-batches (dataset indices) of ``rank`` in one optimizer step."""
+        """The ``accumulation_steps`` micro-batches (dataset indices) of ``rank`` in one optimizer step. A slot
+        with no sample holds a filler (see ``fillers``): the step's first sample again. Slots go empty only when
+        fewer samples than slots are left, one per slot, so that sample is the whole first micro-batch: the
+        collator collates the filler whenever it collates that one (``loader.on_overflow=drop`` included)."""
         start = step_in_epoch * self.global_batch_size
         batch = self.order(epoch)[start : start + self.global_batch_size].tolist()
-        m = self.micro_batch_size
-        return [
-            batch[(a * self.world_size + rank) * m : (a * self.world_size + rank + 1) * m]
-            for a in range(self.accumulation_steps)
-        ]
+        sizes = self._slot_sizes(step_in_epoch)
+        offsets = [sum(sizes[:slot]) for slot in range(len(sizes))]
+        slots = [a * self.world_size + rank for a in range(self.accumulation_steps)]
+        return [batch[offsets[s] : offsets[s] + sizes[s]] or batch[:1] for s in slots]
+
+    def fillers(self, step_in_epoch: int, rank: int) -> list[bool]:
+        """Per micro-batch of ``rank`` at this step, whether it is a filler: run for lockstep, its loss zeroed."""
+        sizes = self._slot_sizes(step_in_epoch)
+        return [sizes[a * self.world_size + rank] == 0 for a in range(self.accumulation_steps)]
 
 
 class PlanSampler(Sampler[list[int]]):

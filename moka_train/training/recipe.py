@@ -91,6 +91,8 @@ def check_config(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if not isinstance(stage.drop_last, bool):
+        raise ValueError(f"stage.drop_last must be true or false, got {stage.drop_last!r}")
     if stage.max_steps is not None and (not isinstance(stage.max_steps, int) or stage.max_steps < 1):
         raise ValueError(f"stage.max_steps must be a positive integer or null, got {stage.max_steps!r}")
     if not (isinstance(stage.lr, (int, float)) and stage.lr > 0):
@@ -328,7 +330,14 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
 
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
     dataset, model, collator, encoders = build_data_and_model(cfg, ctx)
-    plan = BatchPlan(len(dataset), cfg.stage.global_batch_size, cfg.stage.micro_batch_size, ctx.world_size, cfg.seed)
+    plan = BatchPlan(
+        len(dataset),
+        cfg.stage.global_batch_size,
+        cfg.stage.micro_batch_size,
+        ctx.world_size,
+        cfg.seed,
+        drop_last=cfg.stage.drop_last,
+    )
     total_steps = plan.steps_per_epoch * cfg.stage.epochs if cfg.stage.max_steps is None else cfg.stage.max_steps
     logger.info("data: %s; %d optimizer steps", plan.describe(), total_steps)
     engine = build_engine(cfg, model, plan, total_steps, ctx)
@@ -384,12 +393,22 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
                 encode_media(encoders, batch_to_device(next(batches), engine.device))
                 for _ in range(plan.accumulation_steps)
             ]
-            counts = torch.tensor([sum(count_label_tokens(b["labels"]) for b in micro_batches)], dtype=torch.float64)
+            # Fillers: the slots of an epoch's last step left without a sample (BatchPlan), and micro-batches whose
+            # every sample was over loader.max_length (on_overflow=drop; the collator then gives one pad token).
+            planned = plan.fillers((step - 1) % plan.steps_per_epoch, ctx.rank)
+            fillers = [filler or not batch["ids"] for batch, filler in zip(micro_batches, planned, strict=True)]
+            dropped = [
+                i for batch, filler in zip(micro_batches, planned, strict=True) if not filler for i in batch["dropped"]
+            ]
+            real = [b for b, filler in zip(micro_batches, fillers, strict=True) if not filler]
+            counts = torch.tensor([sum(count_label_tokens(b["labels"]) for b in real)], dtype=torch.float64)
             global_labels = int(all_reduce_sum(counts).item())
             loss_sum, tokens, skip = torch.zeros((), dtype=torch.float64), 0, False
             for i, batch in enumerate(micro_batches):
                 with engine.micro_step(last=i == len(micro_batches) - 1):
                     output = engine.forward(batch, label_normalizer=max(global_labels, 1))
+                    if fillers[i]:  # run, so that every rank runs every micro-step, but learn nothing
+                        output.loss = output.loss * 0.0
                     if cfg.fault.nonfinite_loss_at_step == step and ctx.rank == 0 and i == len(micro_batches) - 1:
                         output.loss = poison_loss(output.loss, cfg.fault.nonfinite_gradients)
                     if not check_loss(output.loss, step, batch["ids"], cfg.on_nonfinite):
@@ -397,9 +416,8 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
                     # Every micro-batch still goes through the engine: DeepSpeed keeps its ranks in lockstep.
                     engine.backward(output.loss, skip=skip)
                 loss_sum += output.loss.detach().double().cpu()
-                tokens += int(batch["attention_mask"].sum())
+                tokens += 0 if fillers[i] else int(batch["attention_mask"].sum())
             engine.step(skip=skip)
-            dropped = [sample_id for batch in micro_batches for sample_id in batch["dropped"]]
             if dropped:
                 record_dropped_samples(run_dir, ctx.rank, step, dropped)
             totals = all_reduce_sum(
