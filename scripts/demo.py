@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from moka_train.evaluation.accuracy import MUSIC_AVQA_TYPE, accuracy_by, format_accuracy_table
 from moka_train.evaluation.generate import generate_predictions, target_text, write_predictions
 from moka_train.evaluation.runner import load_run
+from moka_train.training.checkpoints import describe_differences
 from moka_train.training.distributed import init_distributed
-from moka_train.training.recipe import train
+from moka_train.training.recipe import fingerprinted_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,11 +57,20 @@ def config(overrides: list[str]) -> DictConfig:
 
 
 def run_stage(overrides: list[str], run_dir: Path) -> Path:
+    """Train one stage into ``run_dir``; a finished run there is kept if it was trained with the same settings."""
+    cfg = config([*overrides, f"run_dir={run_dir}"])
     if (run_dir / "trainables").is_dir():
-        print(f"{run_dir}/trainables exists: kept (delete the folder to train it again)")
+        kept = fingerprinted_config(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
+        wanted = fingerprinted_config(OmegaConf.to_container(cfg, resolve=True))
+        if kept != wanted:
+            raise SystemExit(
+                f"{run_dir} holds a run with other settings ({describe_differences(kept, wanted)}): delete it, or "
+                "write this demo elsewhere with --out"
+            )
+        print(f"{run_dir}/trainables exists, trained with these settings: kept (delete the folder to train again)")
         return run_dir
     print("\n$ python scripts/train.py experiment=demo " + " ".join([*overrides, f"run_dir={run_dir}"]))
-    return train(config([*overrides, f"run_dir={run_dir}"]))
+    return train(cfg)
 
 
 def evaluate(run_dir: Path, split: str = "test") -> dict[str, dict[str, Any]]:

@@ -26,3 +26,12 @@ def test_demo_runs_both_stages_and_scores_the_test_split(tmp_path):
     assert scores["overall"]["total"] == len(test) > 0
     assert scores["overall"]["correct"] == sum(p["prediction"].strip().lower() == p["answer"].lower() for p in test)
     assert (out / "stage1" / "trainables").is_dir() and (out / "stage2_moka" / "loss_curve.png").is_file()
+
+    # Run again: the finished stages are kept, as they were trained with the same settings; with another setting
+    # the demo refuses to reuse them, naming it, rather than reporting a run it did not train.
+    returncode, output = run(command, timeout=300)
+    assert returncode == 0 and output.count("trained with these settings: kept") == 2, output
+    assert json.loads((out / "results.json").read_text()) == results
+    changed = [*command, "stage.lr=0.5"]
+    returncode, output = run(changed, timeout=300)
+    assert returncode != 0 and f"{out / 'stage1'} holds a run with other settings (stage.lr: " in output, output

@@ -128,6 +128,12 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if saved == current else [f"{prefix[:-1]}: {saved!r} -> {current!r}"]
 
 
+def describe_differences(saved: Mapping[str, Any], current: Mapping[str, Any], shown: int = 8) -> str:
+    """``key: saved -> current`` for the first ``shown`` settings that differ (nested keys dotted)."""
+    changed = _differences(saved, current)
+    return "; ".join(changed[:shown]) + (f" (+{len(changed) - shown} more)" if len(changed) > shown else "")
+
+
 def resolve_resume(resume: str, manager: CheckpointManager, config: Mapping[str, Any]) -> Path | None:
     """The checkpoint to resume from, or None for a fresh start.
 
@@ -142,8 +148,7 @@ def resolve_resume(resume: str, manager: CheckpointManager, config: Mapping[str,
     meta = read_meta(checkpoint)
     current = json.loads(json.dumps(config, default=str))
     if meta.get("config_fingerprint") != config_fingerprint(current):
-        changed = _differences(meta.get("config", {}), current)
-        shown = "; ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
+        shown = describe_differences(meta.get("config", {}), current)
         raise ValueError(
             f"resume={resume}: {checkpoint} was written by a run with another configuration ({shown}); start a "
             "new run directory, or resume=none to start over here"
