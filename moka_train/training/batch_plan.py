@@ -19,6 +19,7 @@ out instead (the next epoch's permutation puts others last), for runs that want 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -102,7 +103,7 @@ class BatchPlan:
         start = step_in_epoch * self.global_batch_size
         batch = self.order(epoch)[start : start + self.global_batch_size].tolist()
         sizes = self._slot_sizes(step_in_epoch)
-        offsets = [sum(sizes[:slot]) for slot in range(len(sizes))]
+        offsets = list(itertools.accumulate(sizes, initial=0))
         slots = [a * self.world_size + rank for a in range(self.accumulation_steps)]
         return [batch[offsets[s] : offsets[s] + sizes[s]] or batch[:1] for s in slots]
 
