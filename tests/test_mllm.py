@@ -121,6 +121,31 @@ def test_forward_backward_through_the_whole_stack():
     assert all(p.grad is None for p in frozen)
 
 
+def test_a_batch_with_nothing_to_learn_reaches_every_trainable_with_a_zero_gradient():
+    """The collator's stand-in for a training micro-batch left empty (every sample over max_length): one pad
+    token, no label, no media. It must still reach every trainable parameter (ZeRO-3 ranks gather the same
+    parameters, DDP reduces them all) and move none: its loss is 0 and every gradient exactly 0."""
+    model = build()
+    model.set_stage("instruct")
+    model.train()
+    stand_in = {
+        "input_ids": torch.tensor([[0]]),
+        "modality_ids": torch.tensor([[int(Modality.TEXT)]]),
+        "question_mask": torch.tensor([[False]]),
+        "labels": torch.tensor([[IGNORE_INDEX]]),
+        "attention_mask": torch.tensor([[1]]),
+        "features": {},
+    }
+    out = model(stand_in, label_normalizer=7)
+    assert out.loss.item() == 0.0 and out.label_count == 0 and out.loss.requires_grad
+    (out.loss * 0.0).backward()  # as the training loop runs a filler
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert any(name.startswith("projectors.audio.") for name in trainable)
+    assert all(p.grad is not None and not p.grad.any() for p in trainable.values()), [
+        name for name, p in trainable.items() if p.grad is None or p.grad.any()
+    ]
+
+
 def test_loss_is_summed_over_labels_and_normalised():
     model = build()
     batch = make_batch()
