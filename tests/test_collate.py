@@ -342,19 +342,28 @@ def test_overflow_errors_or_drops_with_a_counted_warning():
     assert batch["input_ids"].shape == (2, limit) and collate.dropped == 1
     kept_frames = [item for s in samples() if s.id != longest for item in s.media.get("visual", [])]
     torch.testing.assert_close(batch["media"]["visual"], torch.cat(kept_frames))
-    # A training batch with nothing left is one pad token, no label, no media and no id: the training loop runs it
-    # as a filler so that every rank runs every micro-step. An inference batch with nothing left is an error.
+    # A batch with nothing left is an error, unless the collator fills empty batches (the training loop's): then a
+    # training batch with nothing left is one pad token, no label, no media and no id, which the loop runs as a
+    # filler so that every rank runs every micro-step. An inference batch with nothing left is always an error.
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="every sample of the batch was dropped"):
+        warnings.simplefilter("ignore")
+        MultimodalCollator(tokenizer, TOKENS, max_length=5, on_overflow="drop")(samples())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        empty = MultimodalCollator(tokenizer, TOKENS, max_length=5, on_overflow="drop")(samples())
+        empty = MultimodalCollator(tokenizer, TOKENS, max_length=5, on_overflow="drop", fill_empty=True)(samples())
     assert empty["ids"] == [] and empty["dropped"] == [s.id for s in samples()]
     assert empty["input_ids"].tolist() == [[tokenizer.pad_token_id]] and empty["labels"].tolist() == [[-100]]
     assert empty["attention_mask"].tolist() == [[1]] and empty["modality_ids"].tolist() == [[0]]
     assert not empty["question_mask"].any() and not empty["media"]
+    # So is a micro-batch given no sample at all (an empty slot of an epoch's last step).
+    none_given = MultimodalCollator(tokenizer, TOKENS, fill_empty=True)([])
+    assert none_given["ids"] == [] == none_given["dropped"]
+    for key in ("input_ids", "labels", "attention_mask", "modality_ids", "question_mask"):
+        assert torch.equal(none_given[key], empty[key]), key
     questions = [dataclasses.replace(s, messages=s.messages[:-1]) for s in samples()]
     with warnings.catch_warnings(), pytest.raises(ValueError, match="every sample of the batch was dropped"):
         warnings.simplefilter("ignore")
-        MultimodalCollator(tokenizer, TOKENS, max_length=5, on_overflow="drop")(questions)
+        MultimodalCollator(tokenizer, TOKENS, max_length=5, on_overflow="drop", fill_empty=True)(questions)
     # Exactly max_length fits.
     assert MultimodalCollator(tokenizer, TOKENS, max_length=max(lengths))(samples())["input_ids"].shape[1] == max(
         lengths

@@ -102,8 +102,8 @@ LAYOUTS = [(8, 1), (2, 2), (1, 4), (4, 1), (1, 8), (2, 1)]
 @pytest.mark.parametrize("num_samples", [8, 11, 37, 5])
 def test_an_epoch_trains_every_sample_once_in_any_layout(num_samples: int):
     """The last step of an epoch holds the samples after its full global batches; every rank still runs its
-    accumulation steps, slots without a sample carrying a filler (the step's first sample, loss zeroed).
-    Expected, independently of the plan's arithmetic: each epoch's real micro-batches hold the epoch's
+    accumulation steps, slots without a sample being empty micro-batches (fillers: the collator's stand-in, loss
+    zeroed). Expected, independently of the plan's arithmetic: each epoch's micro-batches hold the epoch's
     permutation exactly once, in order, and each step holds the same samples in every layout."""
     steps = -(-num_samples // 8)
     per_layout = []
@@ -115,21 +115,17 @@ def test_an_epoch_trains_every_sample_once_in_any_layout(num_samples: int):
             taken = []
             for step in range(steps):
                 per_rank = [plan.micro_batches(epoch, step, rank) for rank in range(world)]
-                fillers = [plan.fillers(step, rank) for rank in range(world)]
-                assert all(len(m) == len(f) == plan.accumulation_steps for m, f in zip(per_rank, fillers, strict=True))
-                first = per_rank[0][0]
-                assert not fillers[0][0] and first  # the first slot always holds a sample
+                assert all(len(m) == plan.accumulation_steps for m in per_rank)
+                assert per_rank[0][0]  # the first slot always holds a sample
                 # Slot order: micro-step a of rank r is slot a * world + r, as in a full step.
-                in_slot_order = [
-                    (per_rank[r][a], fillers[r][a]) for a in range(plan.accumulation_steps) for r in range(world)
-                ]
-                for micro_batch, filler in in_slot_order:
-                    assert 1 <= len(micro_batch) <= micro
-                    if filler:
-                        assert micro_batch == first
-                real = [m for m, filler in in_slot_order if not filler]
+                in_slot_order = [per_rank[r][a] for a in range(plan.accumulation_steps) for r in range(world)]
+                assert all(len(m) <= micro for m in in_slot_order)
+                real = [m for m in in_slot_order if m]
                 sizes = [len(m) for m in real]
                 assert max(sizes) - min(sizes) <= 1  # the remainder is dealt evenly
+                # Empty slots only where fewer samples than slots are left, and only after the filled ones.
+                assert len(real) == min(len(in_slot_order), len(plan.order(epoch)[step * 8 : step * 8 + 8]))
+                assert in_slot_order[: len(real)] == real
                 taken.append([i for m in real for i in m])
             assert [i for step in taken for i in step] == plan.order(epoch).tolist()
             epochs.append(taken)
@@ -139,24 +135,24 @@ def test_an_epoch_trains_every_sample_once_in_any_layout(num_samples: int):
 
 def test_the_last_step_deals_the_remainder_over_ranks_then_micro_steps():
     """11 samples, global batch 8 on 4 ranks x 1 sample x 2 accumulation steps: the last step's 3 samples take
-    slots 0-2 (micro-step 0 of ranks 0-2); the other five slots are fillers. By hand from the permutation."""
+    slots 0-2 (micro-step 0 of ranks 0-2); the other five slots are empty (fillers). By hand from the
+    permutation."""
     plan = BatchPlan(11, global_batch_size=8, micro_batch_size=1, world_size=4, seed=0)
     order = plan.order(0).tolist()
-    assert [plan.fillers(1, rank) for rank in range(4)] == [[False, True], [False, True], [False, True], [True, True]]
     assert [plan.micro_batches(0, 1, rank) for rank in range(4)] == [
-        [[order[8]], [order[8]]],
-        [[order[9]], [order[8]]],
-        [[order[10]], [order[8]]],
-        [[order[8]], [order[8]]],
+        [[order[8]], []],
+        [[order[9]], []],
+        [[order[10]], []],
+        [[], []],
     ]
-    assert plan.fillers(0, 3) == [False, False]  # a full step has none
+    assert all(m for rank in range(4) for m in plan.micro_batches(0, 0, rank))  # a full step has none empty
     assert "2 steps per epoch" in plan.describe() and "the last holds the other 3 samples" in plan.describe()
 
 
 def test_drop_last_leaves_the_remainder_for_the_next_epoch():
     plan = BatchPlan(11, global_batch_size=8, micro_batch_size=2, world_size=2, seed=0, drop_last=True)
     assert plan.steps_per_epoch == 1 and plan.remainder == 0
-    assert plan.fillers(0, 1) == [False, False]
+    assert all(len(m) == 2 for rank in range(2) for m in plan.micro_batches(0, 0, rank))
     taken = [i for rank in range(2) for m in plan.micro_batches(0, 0, rank) for i in m]
     assert sorted(taken) == sorted(plan.order(0)[:8].tolist())
     assert "3 samples per epoch wait for the next epoch's shuffle" in plan.describe()

@@ -60,8 +60,10 @@ class MultimodalCollator:
     ``max_length``: the longest expanded sample allowed; ``on_overflow``: ``"error"`` stops with the
     sample's id, ``"drop"`` leaves it out with a warning and counts it in ``dropped`` (per process: with
     DataLoader workers each worker has its own copy, so read the batches' ``dropped`` ids for a total, as the
-    training loop does: ``dropped_samples`` in its metrics, summed over ranks). A training batch whose samples
-    are all left out is one pad token with no label and no media, and no ``ids``: the loop runs it as a filler.
+    training loop does: ``dropped_samples`` in its metrics, summed over ranks).
+    ``fill_empty`` (the training loop's collator): a training batch with no sample (none given, or all left out)
+    is one pad token with no label and no media, and no ``ids``, which the loop runs as a filler; otherwise it is
+    an error.
     ``padding_side``: defaults to the tokenizer's; generation needs ``"left"``.
 
     A batch is all training samples (ending with the answer) or all inference samples (ending with the
@@ -76,6 +78,7 @@ class MultimodalCollator:
         on_overflow: str = "error",
         padding_side: str | None = None,
         media_kind: str = "raw",
+        fill_empty: bool = False,
     ) -> None:
         if on_overflow not in ON_OVERFLOW:
             raise ValueError(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
@@ -117,6 +120,7 @@ class MultimodalCollator:
         self.on_overflow = on_overflow
         self.padding_side = padding_side
         self.media_kind = media_kind
+        self.fill_empty = fill_empty
         self.dropped = 0
 
     # -- one sample ----------------------------------------------------------------------------------
@@ -255,7 +259,7 @@ class MultimodalCollator:
 
     # -- the batch -----------------------------------------------------------------------------------
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
-        if not samples:
+        if not samples and not self.fill_empty:
             raise ValueError("cannot collate an empty list of samples")
         training = {sample.is_training for sample in samples if isinstance(sample, Sample)}
         if len(training) > 1:
@@ -285,12 +289,13 @@ class MultimodalCollator:
             kept.append(sample)
             rows.append(row)
         if not rows:
-            if not samples[0].is_training:
+            if not self.fill_empty or (samples and not samples[0].is_training):
                 raise ValueError(
                     f"every sample of the batch was dropped for exceeding max_length {self.max_length}: {dropped}"
                 )
-            # A training micro-batch must still run (DeepSpeed counts micro-steps, ZeRO-3 gathers on every rank):
-            # one pad token, nothing to learn, no media (every projector then runs on its dummy segment).
+            # A training micro-batch with no sample (an empty slot of an epoch's last step, or every sample over
+            # max_length) must still run: DeepSpeed counts micro-steps, ZeRO-3 gathers on every rank. One pad
+            # token, nothing to learn, no media (every projector then runs on its dummy segment).
             kept, rows = [], [self._stand_in_row()]
         batch = self._pad(rows)
         if self.media_kind == "raw":

@@ -10,11 +10,12 @@ keeps (``epoch``, ``step_in_epoch``).
 
 An epoch trains every sample once: the samples left after its last full global batch (fewer than
 ``global_batch_size``) make one last, smaller step, dealt over every rank and micro-step as evenly as they go
-(contiguous runs of the permutation, in slot order). A slot left without a sample gets a *filler*: the step's
-first sample, read again, whose loss the loop multiplies by zero (``fillers``). Every rank still runs all
-its micro-steps, so DeepSpeed's accumulation boundary and ZeRO-3's gathers stay in lockstep, and with the
-label-count normalisation the step's update is the same for any layout. ``drop_last=True`` leaves the remainder
-out instead (the next epoch's permutation puts others last), for runs that want every step at the full batch.
+(contiguous runs of the permutation, in slot order). A slot left without a sample is an empty micro-batch: the
+collator makes it one pad token with no label, which the loop runs and learns nothing from (a *filler*). Every
+rank still runs all its micro-steps, so DeepSpeed's accumulation boundary and ZeRO-3's gathers stay in lockstep,
+and with the label-count normalisation the step's update is the same for any layout. ``drop_last=True`` leaves the
+remainder out instead (the next epoch's permutation puts others last), for runs that want every step at the full
+batch.
 """
 
 from __future__ import annotations
@@ -96,21 +97,14 @@ class BatchPlan:
         return [base + (slot < extra) for slot in range(slots)]
 
     def micro_batches(self, epoch: int, step_in_epoch: int, rank: int) -> list[list[int]]:
-        """The ``accumulation_steps`` micro-batches (dataset indices) of ``rank`` in one optimizer step. A slot
-        with no sample holds a filler (see ``fillers``): the step's first sample again. Slots go empty only when
-        fewer samples than slots are left, one per slot, so that sample is the whole first micro-batch: the
-        collator collates the filler whenever it collates that one (``loader.on_overflow=drop`` included)."""
+        """The ``accumulation_steps`` micro-batches (dataset indices) of ``rank`` in one optimizer step; in an
+        epoch's last step, a slot left without a sample is empty (a filler, see the module docstring)."""
         start = step_in_epoch * self.global_batch_size
         batch = self.order(epoch)[start : start + self.global_batch_size].tolist()
         sizes = self._slot_sizes(step_in_epoch)
         offsets = list(itertools.accumulate(sizes, initial=0))
         slots = [a * self.world_size + rank for a in range(self.accumulation_steps)]
-        return [batch[offsets[s] : offsets[s] + sizes[s]] or batch[:1] for s in slots]
-
-    def fillers(self, step_in_epoch: int, rank: int) -> list[bool]:
-        """Per micro-batch of ``rank`` at this step, whether it is a filler: run for lockstep, its loss zeroed."""
-        sizes = self._slot_sizes(step_in_epoch)
-        return [sizes[a * self.world_size + rank] == 0 for a in range(self.accumulation_steps)]
+        return [batch[offsets[s] : offsets[s] + sizes[s]] for s in slots]
 
 
 class PlanSampler(Sampler[list[int]]):

@@ -247,6 +247,7 @@ def build_data_and_model(
         on_overflow=cfg.loader.on_overflow,
         padding_side="left" if inference else "right",
         media_kind="raw" if cfg.features.cache_dir is None else "features",
+        fill_empty=not inference,  # an empty micro-batch runs as a filler (the training loop)
     )
     return dataset, model, collator, encoders
 
@@ -393,22 +394,18 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
                 encode_media(encoders, batch_to_device(next(batches), engine.device))
                 for _ in range(plan.accumulation_steps)
             ]
-            # Fillers: the slots of an epoch's last step left without a sample (BatchPlan), and micro-batches whose
-            # every sample was over loader.max_length (on_overflow=drop; the collator then gives one pad token).
-            planned = plan.fillers((step - 1) % plan.steps_per_epoch, ctx.rank)
-            fillers = [filler or not batch["ids"] for batch, filler in zip(micro_batches, planned, strict=True)]
-            dropped = [
-                i for batch, filler in zip(micro_batches, planned, strict=True) if not filler for i in batch["dropped"]
-            ]
-            real = [b for b, filler in zip(micro_batches, fillers, strict=True) if not filler]
-            counts = torch.tensor([sum(count_label_tokens(b["labels"]) for b in real)], dtype=torch.float64)
+            # Fillers: micro-batches with no sample (an empty slot of an epoch's last step, or every sample over
+            # loader.max_length with on_overflow=drop), which the collator gives as one pad token with no label.
+            # They run so that every rank runs every micro-step, and learn nothing: with no label their loss,
+            # auxiliary terms included (weighted by the label share), is exactly zero.
+            fillers = [not batch["ids"] for batch in micro_batches]
+            dropped = [sample_id for batch in micro_batches for sample_id in batch["dropped"]]
+            counts = torch.tensor([sum(count_label_tokens(b["labels"]) for b in micro_batches)], dtype=torch.float64)
             global_labels = int(all_reduce_sum(counts).item())
             loss_sum, tokens, skip = torch.zeros((), dtype=torch.float64), 0, False
             for i, batch in enumerate(micro_batches):
                 with engine.micro_step(last=i == len(micro_batches) - 1):
                     output = engine.forward(batch, label_normalizer=max(global_labels, 1))
-                    if fillers[i]:  # run, so that every rank runs every micro-step, but learn nothing
-                        output.loss = output.loss * 0.0
                     if cfg.fault.nonfinite_loss_at_step == step and ctx.rank == 0 and i == len(micro_batches) - 1:
                         output.loss = poison_loss(output.loss, cfg.fault.nonfinite_gradients)
                     if not check_loss(output.loss, step, batch["ids"], cfg.on_nonfinite):
