@@ -8,7 +8,8 @@ zeroed, which must fall to that chance level.
     python scripts/demo.py stage.lr=1e-3            # anything after the options is a Hydra override
 
 Each stage is the same ``train(cfg)`` that ``scripts/train.py experiment=demo`` runs; the commands it runs are
-printed, so each step can be redone by hand.
+printed, so each step can be redone by hand. A stage stopped part-way (Ctrl-C saves a checkpoint) continues from
+it when the same command is run again.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from moka_train.evaluation.generate import generate_predictions, target_text, wr
 from moka_train.evaluation.runner import load_run
 from moka_train.training.checkpoints import describe_differences
 from moka_train.training.distributed import init_distributed
-from moka_train.training.recipe import fingerprinted_config, train
+from moka_train.training.recipe import RunStoppedError, fingerprinted_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,8 +58,9 @@ def config(overrides: list[str]) -> DictConfig:
 
 
 def run_stage(overrides: list[str], run_dir: Path) -> Path:
-    """Train one stage into ``run_dir``; a finished run there is kept if it was trained with the same settings."""
-    cfg = config([*overrides, f"run_dir={run_dir}"])
+    """Train one stage into ``run_dir``; a finished run there is kept if it was trained with the same settings, and
+    a stopped one continues from its last checkpoint (``resume=auto`` refuses one trained with other settings)."""
+    cfg = config([*overrides, f"run_dir={run_dir}", "resume=auto"])
     if (run_dir / "trainables").is_dir():
         kept = fingerprinted_config(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
         wanted = fingerprinted_config(OmegaConf.to_container(cfg, resolve=True))
@@ -69,8 +71,12 @@ def run_stage(overrides: list[str], run_dir: Path) -> Path:
             )
         print(f"{run_dir}/trainables exists, trained with these settings: kept (delete the folder to train again)")
         return run_dir
-    print("\n$ python scripts/train.py experiment=demo " + " ".join([*overrides, f"run_dir={run_dir}"]))
-    return train(cfg)
+    print("\n$ python scripts/train.py experiment=demo " + " ".join([*overrides, f"run_dir={run_dir}", "resume=auto"]))
+    try:
+        return train(cfg)
+    except RunStoppedError as stopped:
+        print(f"\n{stopped}\nRun the same demo command again to continue.", file=sys.stderr)
+        raise SystemExit(stopped.exit_code) from None
 
 
 def evaluate(run_dir: Path, split: str = "test") -> dict[str, dict[str, Any]]:

@@ -7,15 +7,20 @@ python scripts/train.py experiment=demo_pretrain    # one process, no torchrun n
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from moka_train.training.recipe import train
+from moka_train.training.recipe import RunStoppedError, train
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    except RunStoppedError as stopped:  # a stop signal: checkpoint saved, already logged
+        sys.exit(stopped.exit_code)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,19 @@ CPU offload and ZeRO-3 (2 ranks x 2 samples x 2 accumulation steps) must end wit
 the same losses and token counts, up to fp32 summation order. The 4 steps are one epoch of 27 samples: the last
 step holds the 3 left over, so on 2 ranks one of rank 1's micro-steps is a filler whose loss must count for
 nothing (the reference has none). A run killed
-after a step, or in the middle of a save, and resumed with resume=auto ends where an uninterrupted run ends.
+after a step, or in the middle of a save, or stopped by a SIGTERM (a checkpoint at the step boundary), and resumed
+with resume=auto ends where an uninterrupted run ends.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -187,13 +191,23 @@ def test_deepspeed_matches_one_process(preset: str, reference: Path, demo_root: 
         assert_same_trainables(loaded, expected, ATOL_LAYOUTS)
 
 
-def test_killed_after_a_step_resumes_to_the_same_weights(demo_root: Path, tmp_path: Path):
-    """Adapter dropout on: the resumed run must restore the RNG states as well as the optimizer, schedule and
-    data position. A run killed mid-save keeps its previous checkpoint and resumes from it."""
-    common = ("deepspeed=none", "adapter.dropout=0.1", "stage.max_steps=6", "checkpoint.every_steps=2",
-              "stage.schedule=cosine", "stage.warmup_ratio=0.2")  # fmt: skip
-    whole = tmp_path / "whole"
-    train(whole, demo_root, *common)
+# Six steps with adapter dropout on: a resumed run must restore the RNG states as well as the optimizer, schedule
+# and data position.
+SIX_STEPS = ("deepspeed=none", "adapter.dropout=0.1", "stage.max_steps=6", "checkpoint.every_steps=2",
+             "stage.schedule=cosine", "stage.warmup_ratio=0.2")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory: pytest.TempPathFactory, demo_root: Path) -> Path:
+    """The uninterrupted run that the killed and stopped ones must end at."""
+    run_dir = tmp_path_factory.mktemp("six_steps") / "run"
+    train(run_dir, demo_root, *SIX_STEPS)
+    return run_dir
+
+
+def test_killed_after_a_step_resumes_to_the_same_weights(six_steps: Path, demo_root: Path, tmp_path: Path):
+    """A run killed mid-save keeps its previous checkpoint and resumes from it."""
+    common, whole = SIX_STEPS, six_steps
 
     killed = tmp_path / "killed"
     train(killed, demo_root, *common, "fault.exit_after_step=3", expect=FAULT_EXIT_CODE)
@@ -212,15 +226,45 @@ def test_killed_after_a_step_resumes_to_the_same_weights(demo_root: Path, tmp_pa
     assert sorted(p.name for p in (mid_save / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
 
 
+def test_stopped_by_sigterm_saves_at_the_step_boundary_and_resumes_to_the_same_weights(
+    six_steps: Path, demo_root: Path, tmp_path: Path
+):
+    """SIGTERM to the whole process group, its DataLoader workers included, from another process (as a
+    scheduler or a terminal sends it) after step 3: the run checkpoints step 3, between its periodic saves, and
+    exits as if killed by the signal. Workers killed by it would fail the main process mid-step; workers left
+    running at exit would hang it (then the launch times out)."""
+    common, whole, stopped = SIX_STEPS, six_steps, tmp_path / "stopped"
+    signal_at_3 = ("fault.signal_after_step=3", "fault.signal_to=group", "loader.num_workers=2")
+    output = train(stopped, demo_root, *common, *signal_at_3, expect=128 + signal.SIGTERM)
+    assert "SIGTERM received" in output and "stopped after step 3 (SIGTERM)" in output
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    assert not (stopped / "trainables").exists()  # the run is not done
+    output = train(stopped, demo_root, *common, "resume=auto")
+    assert "step-00000003 at step 3" in output
+    assert_same_trainables(trainables(stopped), trainables(whole))
+    assert losses(stopped) == pytest.approx(losses(whole), rel=1e-6)
+
+
 def test_deepspeed_resume_matches_uninterrupted(demo_root: Path, tmp_path: Path):
-    """ZeRO-2 on 2 ranks, killed after step 3 and resumed from step 2's DeepSpeed checkpoint."""
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    """ZeRO-2 on 2 ranks, killed after step 3 and resumed from step 2's DeepSpeed checkpoint; and stopped by a
+    SIGTERM that only rank 1 receives, after step 1: rank 0 learns of it in the step's all-reduce, both save their
+    shards of step 1's checkpoint, and the run resumes from it."""
+    whole, killed, stopped = tmp_path / "whole", tmp_path / "killed", tmp_path / "stopped"
     train(whole, demo_root, "deepspeed=zero2", nproc=2)
     train(
         killed, demo_root, "deepspeed=zero2", "checkpoint.every_steps=2", "fault.exit_after_step=3", nproc=2, expect=1
     )  # fmt: skip  (torchrun reports a failed worker as 1)
     train(killed, demo_root, "deepspeed=zero2", "resume=auto", nproc=2)
     assert_same_trainables(trainables(killed), trainables(whole))
+
+    output = train(stopped, demo_root, "deepspeed=zero2", "fault.signal_after_step=1", nproc=2, expect=1)
+    assert "[rank 1] WARNING moka_train.training.stop_signals: SIGTERM received" in output
+    assert "stopped after step 1 (a stop signal on another rank)" in output  # rank 0's log
+    (checkpoint,) = (stopped / "checkpoints").iterdir()
+    assert checkpoint.name == "step-00000001"
+    assert len(list(checkpoint.glob("state/**/*optim_states.pt"))) == 2  # both ranks' optimizer shards
+    train(stopped, demo_root, "deepspeed=zero2", "resume=auto", nproc=2)
+    assert_same_trainables(trainables(stopped), trainables(whole))
 
 
 def test_resume_refuses_another_configuration_and_none_refuses_an_existing_run(reference: Path, demo_root: Path):
@@ -304,3 +348,66 @@ def test_bf16_with_gradient_checkpointing_trains_the_adapter(demo_root: Path, tm
     assert all(math.isfinite(loss) for loss in losses(run_dir))
     b = {k: v for k, v in trainables(run_dir).items() if "lora_B" in k}
     assert b and all(v.abs().max() > 0 for v in b.values())
+
+
+SRUN_STUB = """#!/bin/bash
+# srun on one node: drop srun's options, run the task (torchrun) in its place.
+while [ "$1" != torchrun ]; do shift; done
+exec "$@"
+"""
+SCONTROL_STUB = """#!/bin/bash
+case "$1" in
+    show) echo 127.0.0.1 ;;
+    *) echo "$@" >> "$SCONTROL_LOG" ;;
+esac
+"""
+
+
+def test_the_slurm_script_stops_at_the_time_limit_warning_and_requeues(demo_root: Path, tmp_path: Path):
+    """scripts/slurm/train.sbatch under stand-ins for srun and scontrol (no SLURM here), with the real torchrun
+    and app: SLURM's USR1 warning reaches the script once step 1 is logged; the run stops after a step with a
+    checkpoint and the script requeues the job, whose second start (resume=auto) finishes the run from there."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, text in (("srun", SRUN_STUB), ("scontrol", SCONTROL_STUB)):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    env = environment()
+    env.update(
+        PATH=os.pathsep.join([str(stubs), str(Path(sys.executable).parent), env["PATH"]]),
+        SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_GPUS_ON_NODE="2", SLURM_JOB_ID="4242",
+        MASTER_PORT=str(free_port()), SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+    )  # fmt: skip
+    sbatch = ["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch")]
+    run_dir = tmp_path / "run"
+    args = [f"run_dir={run_dir}", f"data.builder.root={demo_root}", "stage=instruct", "adapter=moka", *FAST,
+            "deepspeed=none", "stage.max_steps=8"]  # fmt: skip
+
+    refused = subprocess.run([*sbatch, *args[1:]], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "give run_dir=" in refused.stderr
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([*sbatch, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    with open(tmp_path / "job.log", "w+") as log:
+        job = start()
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and job.poll() is None:
+            assert time.monotonic() < deadline, "step 1 was never logged"
+            time.sleep(0.05)
+        job.send_signal(signal.SIGUSR1)
+        returncode = job.wait(timeout=180)
+        log.seek(0)
+        output = log.read()
+        assert returncode != 0 and "time limit near" in output, output[-4000:]
+        assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+        (checkpoint,) = (run_dir / "checkpoints").iterdir()
+        step = int(checkpoint.name.removeprefix("step-"))
+        assert 1 <= step < 8 and f"stopped after step {step} (SIGTERM)" in output, output[-4000:]
+
+        requeued = start()
+        assert requeued.wait(timeout=180) == 0
+        log.seek(0)
+        assert f"at step {step}" in log.read()
+    assert [row["step"] for row in read_metrics(metrics)][-1] == 8 and (run_dir / "trainables").is_dir()

@@ -45,6 +45,10 @@ def test_an_unknown_preset_is_refused_by_name():
         (["on_nonfinite=ignore"], "on_nonfinite must be error or skip"),
         (["resume=auto"], "resume=auto resumes the run in run_dir"),
         (["checkpoint.every_steps=-1"], "checkpoint.every_steps must be >= 0"),
+        (["stop_signals=[SIGTERM,SIGKILL]"], r"stop_signals\[1\]: 'SIGKILL' is not one of"),
+        (["stop_signals=SIGTERM"], "stop_signals must be a list of signal names"),
+        (["fault.signal_to=parent"], "fault.signal_to must be one of"),
+        (["fault.signal_after_step=1", "fault.signal_to=launcher"], "fault.signal_to=launcher signals torchrun"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(overrides, message):

@@ -6,14 +6,18 @@
 2. build the records, the frozen encoders, the feature caches when configured, and the model;
 3. plan the data order (``BatchPlan``), the optimizer over the trainable parameters and our schedule;
 4. resume when asked; then step: every micro-batch's loss is divided by the step's global label count;
-5. checkpoint (atomic, last K) and, at the end, the trainables for evaluation in ``<run_dir>/trainables``.
+5. checkpoint (atomic, last K) and, at the end, the trainables for evaluation in ``<run_dir>/trainables``; a stop
+   signal (preemption, Ctrl-C, SLURM's time-limit warning) ends the run after the current step with a checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -57,17 +61,33 @@ from moka_train.training.engine import DeepSpeedEngine, Engine, TorchEngine
 from moka_train.training.guards import check_loss
 from moka_train.training.run_logger import RunLogger
 from moka_train.training.schedule import SCHEDULES, build_lr_scheduler
+from moka_train.training.stop_signals import StopSignals, ignore_stop_signals, parse_stop_signals
 
 logger = logging.getLogger("moka_train.train")
 
 STAGES = ("pretrain", "instruct")
-# Settings a resumed run may change: where and how it logs, how it loads data, when it saves, fault injection.
-# model.architecture only feeds scripts/adapter_costs.py (the weights come from model.backbone).
+# Settings a resumed run may change: where and how it logs, how it loads data, when it saves or stops, fault
+# injection. model.architecture only feeds scripts/adapter_costs.py (the weights come from model.backbone).
 RESUMABLE_CHANGES = (
-    "resume", "logger", "loader.num_workers", "checkpoint", "fault", "features.fill", "probe_media",
+    "resume", "logger", "loader.num_workers", "checkpoint", "stop_signals", "fault", "features.fill", "probe_media",
     "model.architecture",
 )  # fmt: skip
 FAULT_EXIT_CODE = 17
+FAULT_SIGNAL_TARGETS = ("self", "group", "launcher")
+
+
+class RunStoppedError(Exception):
+    """The run stopped early on a stop signal, after saving ``checkpoint``; ``resume=auto`` continues it.
+    ``exit_code`` is the shell's for death by that signal (128 + its number), which job scripts test for."""
+
+    def __init__(self, received: signal.Signals | None, step: int, checkpoint: Path) -> None:
+        where = received.name if received is not None else "a stop signal on another rank"
+        super().__init__(
+            f"stopped after step {step} ({where}); checkpoint {checkpoint}; continue with resume=auto "
+            f"run_dir={checkpoint.parents[1]}"
+        )
+        self.step, self.checkpoint = step, checkpoint
+        self.exit_code = 128 + int(received if received is not None else signal.SIGTERM)
 
 
 # -- configuration checks ----------------------------------------------------------------------------
@@ -113,6 +133,12 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"resume must be auto, none or a checkpoint path, got {cfg.resume!r}")
     if cfg.resume == "auto" and cfg.run_dir is None:
         raise ValueError("resume=auto resumes the run in run_dir: give run_dir=<the run's directory>")
+    parse_stop_signals(cfg.stop_signals)
+    if cfg.fault.signal_to not in FAULT_SIGNAL_TARGETS:
+        raise ValueError(f"fault.signal_to must be one of {FAULT_SIGNAL_TARGETS}, got {cfg.fault.signal_to!r}")
+    launcher = cfg.fault.signal_after_step is not None and cfg.fault.signal_to == "launcher"
+    if launcher and "TORCHELASTIC_RUN_ID" not in os.environ:
+        raise ValueError("fault.signal_to=launcher signals torchrun: launch the run with torchrun")
 
 
 def init_entries(init_from: Any) -> list[dict[str, Any]]:
@@ -302,8 +328,21 @@ def record_dropped_samples(run_dir: Path, rank: int, step: int, sample_ids: list
         file.writelines(f"{step}\t{sample_id}\n" for sample_id in sample_ids)
 
 
+def send_fault_signal(target: str) -> None:
+    """Fault injection: SIGTERM to this process, to its process group (its DataLoader workers too, as Ctrl-C or a
+    scheduler signals them), or to torchrun's agent, which passes it on to every worker."""
+    if target == "group":
+        # Sent by another process, as a terminal or a scheduler does: torch's workers take a SIGTERM from their
+        # own parent as a request to exit quietly, and one from anyone else as fatal.
+        kill = f"import os, signal; os.killpg({os.getpgid(0)}, signal.SIGTERM)"
+        subprocess.run([sys.executable, "-c", kill], check=True, start_new_session=True)
+    else:
+        os.kill(os.getpid() if target == "self" else os.getppid(), signal.SIGTERM)
+
+
 def train(cfg: DictConfig) -> Path:
-    """Run one stage; returns the run directory (``<run_dir>/trainables`` holds the result)."""
+    """Run one stage; returns the run directory (``<run_dir>/trainables`` holds the result). Raises
+    ``RunStoppedError`` when a stop signal ended it early, after saving a checkpoint."""
     check_config(cfg)
     ctx = init_distributed(use_deepspeed=cfg.deepspeed.json is not None)
     try:
@@ -350,7 +389,7 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
         start_step = int(read_meta(checkpoint)["step"])
         logger.info("resumed from %s at step %d", checkpoint, start_step)
 
-    def save(step: int) -> None:
+    def save(step: int) -> Path:
         def write(directory: Path) -> None:
             save_trainables(engine.module, directory / "trainables")
             engine.save_state(directory / "state", ctx.rank)
@@ -363,8 +402,19 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
         meta = checkpoint_meta(resume_config, epoch=epoch, step_in_epoch=in_epoch, data_seed=plan.seed)
         path = manager.save(step, meta, write)
         logger.info("saved %s", path)
+        return path
 
     sampler = PlanSampler(plan, ctx.rank, cfg.stage.epochs, start_step, cfg.stage.max_steps)
+    stop = StopSignals(cfg.stop_signals)
+    engine.module.train()
+    run_log = RunLogger.from_config(
+        OmegaConf.to_container(cfg.logger, resolve=True),
+        run_dir,
+        total_steps,
+        config=config,
+        initial_step=start_step,
+        rank=ctx.rank,
+    )
     batches = iter(
         DataLoader(
             dataset,
@@ -375,67 +425,76 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
             # Its own generator: a DataLoader iterator otherwise draws its worker seed from the global RNG,
             # which a resumed run has just restored for dropout.
             generator=torch.Generator().manual_seed(cfg.seed),
+            # Workers ignore stop signals: a group-wide one (Ctrl-C, a scheduler's) would end them, and the main
+            # process would fail mid-step. They leave when the iterator is dropped (the finally below, in every
+            # outcome): at interpreter exit multiprocessing would end them with a SIGTERM, which they ignore.
+            worker_init_fn=functools.partial(ignore_stop_signals, stop.signals),
         )
     )
-    engine.module.train()
-    run_log = RunLogger.from_config(
-        OmegaConf.to_container(cfg.logger, resolve=True),
-        run_dir,
-        total_steps,
-        config=config,
-        initial_step=start_step,
-        rank=ctx.rank,
-    )
-    failed, dropped_in_run = True, 0
+    failed, dropped_in_run, stopped = True, 0, None
     try:
-        for step in range(start_step + 1, total_steps + 1):
-            started, lr = time.monotonic(), engine.lr()  # the rate this step uses
-            micro_batches = [
-                encode_media(encoders, batch_to_device(next(batches), engine.device))
-                for _ in range(plan.accumulation_steps)
-            ]
-            # Fillers: micro-batches with no sample (an empty slot of an epoch's last step, or every sample over
-            # loader.max_length with on_overflow=drop), which the collator gives as one pad token with no label.
-            # They run so that every rank runs every micro-step, and learn nothing: with no label their loss,
-            # auxiliary terms included (weighted by the label share), is exactly zero.
-            fillers = [not batch["ids"] for batch in micro_batches]
-            dropped = [sample_id for batch in micro_batches for sample_id in batch["dropped"]]
-            counts = torch.tensor([sum(count_label_tokens(b["labels"]) for b in micro_batches)], dtype=torch.float64)
-            global_labels = int(all_reduce_sum(counts).item())
-            loss_sum, tokens, skip = torch.zeros((), dtype=torch.float64), 0, False
-            for i, batch in enumerate(micro_batches):
-                with engine.micro_step(last=i == len(micro_batches) - 1):
-                    output = engine.forward(batch, label_normalizer=max(global_labels, 1))
-                    if cfg.fault.nonfinite_loss_at_step == step and ctx.rank == 0 and i == len(micro_batches) - 1:
-                        output.loss = poison_loss(output.loss, cfg.fault.nonfinite_gradients)
-                    if not check_loss(output.loss, step, batch["ids"], cfg.on_nonfinite):
-                        skip = True
-                    # Every micro-batch still goes through the engine: DeepSpeed keeps its ranks in lockstep.
-                    engine.backward(output.loss, skip=skip)
-                loss_sum += output.loss.detach().double().cpu()
-                tokens += 0 if fillers[i] else int(batch["attention_mask"].sum())
-            engine.step(skip=skip)
-            if dropped:
-                record_dropped_samples(run_dir, ctx.rank, step, dropped)
-            totals = all_reduce_sum(
-                torch.tensor([float(loss_sum), float(tokens), float(len(dropped))], dtype=torch.float64)
-            )
-            metrics = {"lr": lr, "tokens": totals[1].item(), "step_time": time.monotonic() - started}
-            if not skip:
-                metrics["loss"] = totals[0].item()
-            if cfg.loader.on_overflow == "drop":
-                metrics["dropped_samples"] = totals[2].item()
-                dropped_in_run += int(totals[2].item())
-            run_log.log(step, metrics)
-            if cfg.fault.exit_after_step == step:
-                logger.warning("fault injection: exiting after step %d", step)
-                os._exit(FAULT_EXIT_CODE)
-            every = cfg.checkpoint.every_steps
-            if step == total_steps or (every and step % every == 0):
-                save(step)
-        save_trainables(engine.module, run_dir / "trainables")
+        with stop:
+            for step in range(start_step + 1, total_steps + 1):
+                started, lr = time.monotonic(), engine.lr()  # the rate this step uses
+                micro_batches = [
+                    encode_media(encoders, batch_to_device(next(batches), engine.device))
+                    for _ in range(plan.accumulation_steps)
+                ]
+                # Fillers: micro-batches with no sample (an empty slot of an epoch's last step, or every sample over
+                # loader.max_length with on_overflow=drop), which the collator gives as one pad token with no
+                # label. They run so that every rank runs every micro-step, and learn nothing: with no label their
+                # loss, auxiliary terms included (weighted by the label share), is exactly zero.
+                fillers = [not batch["ids"] for batch in micro_batches]
+                dropped = [sample_id for batch in micro_batches for sample_id in batch["dropped"]]
+                labels = sum(count_label_tokens(b["labels"]) for b in micro_batches)
+                global_labels = int(all_reduce_sum(torch.tensor([labels], dtype=torch.float64)).item())
+                loss_sum, tokens, skip = torch.zeros((), dtype=torch.float64), 0, False
+                for i, batch in enumerate(micro_batches):
+                    last = i == len(micro_batches) - 1
+                    with engine.micro_step(last=last):
+                        output = engine.forward(batch, label_normalizer=max(global_labels, 1))
+                        if cfg.fault.nonfinite_loss_at_step == step and ctx.rank == 0 and last:
+                            output.loss = poison_loss(output.loss, cfg.fault.nonfinite_gradients)
+                        if not check_loss(output.loss, step, batch["ids"], cfg.on_nonfinite):
+                            skip = True
+                        # Every micro-batch still goes through the engine: DeepSpeed keeps its ranks in lockstep.
+                        engine.backward(output.loss, skip=skip)
+                    loss_sum += output.loss.detach().double().cpu()
+                    tokens += 0 if fillers[i] else int(batch["attention_mask"].sum())
+                engine.step(skip=skip)
+                if cfg.fault.signal_after_step == step and ctx.rank == ctx.world_size - 1:
+                    send_fault_signal(cfg.fault.signal_to)
+                if dropped:
+                    record_dropped_samples(run_dir, ctx.rank, step, dropped)
+                # The step's totals, and whether a stop signal reached any rank: all stop after the same step.
+                totals = all_reduce_sum(
+                    torch.tensor(
+                        [float(loss_sum), float(tokens), float(len(dropped)), float(stop.received is not None)],
+                        dtype=torch.float64,
+                    )
+                )
+                metrics = {"lr": lr, "tokens": totals[1].item(), "step_time": time.monotonic() - started}
+                if not skip:
+                    metrics["loss"] = totals[0].item()
+                if cfg.loader.on_overflow == "drop":
+                    metrics["dropped_samples"] = totals[2].item()
+                    dropped_in_run += int(totals[2].item())
+                run_log.log(step, metrics)
+                if cfg.fault.exit_after_step == step:
+                    logger.warning("fault injection: exiting after step %d", step)
+                    os._exit(FAULT_EXIT_CODE)
+                stopping = totals[3].item() > 0 and step < total_steps  # at the last step the run just ends
+                every = cfg.checkpoint.every_steps
+                if step == total_steps or (every and step % every == 0) or stopping:
+                    path = save(step)
+                if stopping:
+                    stopped = RunStoppedError(stop.received, step, path)
+                    break
+        if stopped is None:
+            save_trainables(engine.module, run_dir / "trainables")
         failed = False
     finally:
+        del batches  # its workers exit now
         run_log.close(failed=failed)
         if dropped_in_run:
             logger.warning(
@@ -445,5 +504,10 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
                 cfg.loader.max_length,
                 run_dir / f"{DROPPED_SAMPLES_PREFIX}*.tsv",
             )
+    if stopped is not None:
+        logger.warning("%s", stopped)
+        # Leave together: torchrun ends the other workers as soon as one exits non-zero.
+        ctx.barrier()
+        raise stopped
     logger.info("trainables for evaluation: %s", run_dir / "trainables")
     return run_dir
