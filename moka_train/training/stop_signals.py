@@ -20,7 +20,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# SIGKILL and SIGSTOP cannot be caught; the others would stop the run for reasons that are not a request to.
+# SIGKILL and SIGSTOP cannot be caught; other signals (SIGSEGV, SIGCHLD, ...) are not requests to stop.
 CATCHABLE = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
 
 
@@ -84,6 +84,7 @@ class StopSignals:
 def ignore_stop_signals(signals: tuple[signal.Signals, ...], worker_id: int = 0) -> None:
     """A DataLoader ``worker_init_fn`` (bind ``signals`` with functools.partial): a signal sent to the whole
     process group (Ctrl-C, SLURM's) must not end the workers, whose death the main process would report as an
-    error before it reaches the step boundary; the main process stops them when it exits."""
+    error before it reaches the step boundary. The owner of the loader must then shut them down itself (drop
+    its iterator) before the interpreter exits: multiprocessing's exit handler ends workers with a SIGTERM."""
     for sig in signals:
         signal.signal(sig, signal.SIG_IGN)
