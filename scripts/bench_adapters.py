@@ -553,6 +553,11 @@ def _ratio(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2f}"
 
 
+def _milliseconds(value: float) -> str:
+    """Three significant digits below 10 ms: a frozen linear's 0.04 ms must not print as 0.0."""
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
 def format_table(result: CaseResult, gpu: bool) -> str:
     memory = "peak MiB" if gpu else "saved MiB"
     lines = [
@@ -562,7 +567,7 @@ def format_table(result: CaseResult, gpu: bool) -> str:
     for row in result.rows:
         value = row.peak_bytes if gpu else row.saved_bytes
         lines.append(
-            f"| {row.method} | {row.time_ms:.1f} | {_ratio(row.ratio_base)} | {_ratio(row.ratio_peft)} "
+            f"| {row.method} | {_milliseconds(row.time_ms)} | {_ratio(row.ratio_base)} | {_ratio(row.ratio_peft)} "
             f"| {value / 2**20:.1f} | {_ratio(row.memory_ratio_peft)} |"
         )
     return "\n".join(lines)
