@@ -60,7 +60,8 @@ def config(overrides: list[str]) -> DictConfig:
 def run_stage(overrides: list[str], run_dir: Path) -> Path:
     """Train one stage into ``run_dir``; a finished run there is kept if it was trained with the same settings, and
     a stopped one continues from its last checkpoint (``resume=auto`` refuses one trained with other settings)."""
-    cfg = config([*overrides, f"run_dir={run_dir}", "resume=auto"])
+    args = [*overrides, f"run_dir={run_dir}", "resume=auto"]
+    cfg = config(args)
     if (run_dir / "trainables").is_dir():
         kept = fingerprinted_config(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
         wanted = fingerprinted_config(OmegaConf.to_container(cfg, resolve=True))
@@ -71,7 +72,7 @@ def run_stage(overrides: list[str], run_dir: Path) -> Path:
             )
         print(f"{run_dir}/trainables exists, trained with these settings: kept (delete the folder to train again)")
         return run_dir
-    print("\n$ python scripts/train.py experiment=demo " + " ".join([*overrides, f"run_dir={run_dir}", "resume=auto"]))
+    print("\n$ python scripts/train.py experiment=demo " + " ".join(args))
     try:
         return train(cfg)
     except RunStoppedError as stopped:

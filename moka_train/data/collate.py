@@ -289,7 +289,7 @@ class MultimodalCollator:
             kept.append(sample)
             rows.append(row)
         if not rows:
-            if not self.fill_empty or (samples and not samples[0].is_training):
+            if not self.fill_empty or training == {False}:  # inference batches always error
                 raise ValueError(
                     f"every sample of the batch was dropped for exceeding max_length {self.max_length}: {dropped}"
                 )
