@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180
@@ -27,8 +30,10 @@ def environment() -> dict[str, str]:
 
 def run(command: list[str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
     """Run ``command``; returns the exit code and the combined output. On timeout, SIGTERM first (torchrun
-    passes it on to its workers, which run in sessions of their own), then SIGKILL the process group. The
-    output goes through a file, not a pipe: a stray worker keeping a pipe open would block the test forever."""
+    passes it on to its workers), then SIGKILL the process group and every descendant: torchrun's workers run in
+    sessions of their own, and a hung worker outlives a SIGTERM (the first one only asks the run to stop after
+    the step in progress). The output goes through a file, not a pipe: a stray worker keeping a pipe open would
+    block the test forever."""
     with tempfile.TemporaryFile(mode="w+") as log:
         process = subprocess.Popen(
             command, cwd=ROOT, env=environment(), stdout=log, stderr=subprocess.STDOUT, text=True,
@@ -38,12 +43,16 @@ def run(command: list[str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
             returncode = process.wait(timeout=timeout)
             note = ""
         except subprocess.TimeoutExpired:
+            descendants = psutil.Process(process.pid).children(recursive=True)
             os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+            for child in descendants:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
             returncode, note = -signal.SIGKILL, f"\n[timed out after {timeout} s]"
         log.seek(0)
         return returncode, log.read() + note
