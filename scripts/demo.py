@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     chance = {kind: row["per_template"] for kind, row in summary["splits"]["test"]["chance"].items()}
     cache = (args.data / "feature_cache").resolve()
     common = [f"data.builder.root={args.data.resolve()}", f"features.cache_dir={cache}"]
+    common += ["validation.split=val", "validation.every_steps=50"]  # val_loss on every stage's loss curve
     common += [f"stage.max_steps={args.steps}"] if args.steps else []
     common += overrides
 

@@ -222,6 +222,15 @@ def test_loss_curve_png(tmp_path, spy_plots):
 
 
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed")
+def test_the_curve_draws_the_validation_loss_where_it_was_measured(tmp_path, spy_plots):
+    with RunLogger(tmp_path, total_steps=12, bar=False) as logger:
+        for step in range(1, 13):
+            logger.log(step, {**step_metrics(step), **({"val_loss": 3.0 / step} if step % 4 == 0 else {})})
+    assert_valid_png(tmp_path / "loss_curve.png")
+    assert spy_plots == [list(range(1, 13))] * 2 + [[4, 8, 12], list(range(1, 13))]  # loss x 2, val_loss, lr
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed")
 def test_crash_inside_the_context_still_draws_the_curve(tmp_path):
     with pytest.raises(RuntimeError, match="boom"), RunLogger(tmp_path, total_steps=10, bar=False) as logger:
         logged(logger, range(1, 4))

@@ -6,13 +6,15 @@ normalised by each step's global label count, a 2-node torchrun (DDP) and 2-rank
 CPU offload and ZeRO-3 (2 ranks x 2 samples x 2 accumulation steps) must end with the same trainables and log
 the same losses and token counts, up to fp32 summation order. The 4 steps are one epoch of 27 samples: the last
 step holds the 3 left over, so on 2 ranks one of rank 1's micro-steps is a filler whose loss must count for
-nothing (the reference has none). A run killed
+nothing (the reference has none); they also log the reference's validation loss, with a filler on rank 1. A
+run with a validation loss trains exactly the weights of one without. A run killed
 after a step, or in the middle of a save, or stopped by a SIGTERM (a checkpoint at the step boundary), and resumed
 with resume=auto ends where an uninterrupted run ends.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -29,11 +31,13 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from moka_train.models.build import build_multimodal_lm
+from moka_train.models.mllm import encode_media
 from moka_train.models.trainables import load_trainables, trainables_state_dict
-from moka_train.training.recipe import FAULT_EXIT_CODE
+from moka_train.training.recipe import FAULT_EXIT_CODE, build_data_and_model
 from moka_train.training.run_logger import read_metrics
 from tests.launch import ROOT, describe, environment, run, torchrun
 from tests.test_demo_data import demo
+from tests.trained_runs import CPU
 
 pytestmark = pytest.mark.distributed
 
@@ -105,11 +109,20 @@ def losses(run_dir: Path) -> list[float]:
     return [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
 
 
+# A validation loss after the last step, over 5 samples of the val split: 1 micro-batch in the reference; on 2 ranks
+# with 2 per micro-batch, rank 1 has one fewer than rank 0 and runs a filler (ZeRO-3 would hang without it).
+VALIDATE = ("validation.split=val", "validation.max_samples=5")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, demo_root: Path) -> Path:
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    train(run_dir, demo_root, "deepspeed=none", "stage.micro_batch_size=8")
+    train(run_dir, demo_root, "deepspeed=none", "stage.micro_batch_size=8", *VALIDATE)
     return run_dir
+
+
+def validation_losses(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["val_loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in row}
 
 
 def test_reference_run_writes_a_complete_run_directory(reference: Path):
@@ -118,6 +131,7 @@ def test_reference_run_writes_a_complete_run_directory(reference: Path):
     rows = read_metrics(reference / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["tokens"] > 0 for r in rows)
+    assert list(validation_losses(reference)) == [4]
     assert [r["lr"] for r in rows] == pytest.approx(COSINE_RATES)
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert [p.name for p in (reference / "checkpoints").iterdir()] == ["step-00000004"]
@@ -138,7 +152,7 @@ def test_two_node_launch_matches_one_process(reference: Path, demo_root: Path, t
     port = free_port()
     commands = [
         command(
-            run_dir, demo_root, "deepspeed=none", nproc=1,
+            run_dir, demo_root, "deepspeed=none", *VALIDATE, nproc=1,
             launcher=("--nnodes", "2", "--node_rank", str(node), "--master_addr", "127.0.0.1",
                       "--master_port", str(port)),
         )
@@ -161,17 +175,32 @@ def test_two_node_launch_matches_one_process(reference: Path, demo_root: Path, t
     assert "(2 rank(s) on cpu)" in outputs[0]
     assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-6)
     assert token_counts(run_dir) == token_counts(reference)
+    assert validation_losses(run_dir) == pytest.approx(validation_losses(reference), rel=1e-6)
     assert_same_trainables(trainables(run_dir), trainables(reference), ATOL_LAYOUTS)
+
+
+def every_parameter_partitioned(directory: Path) -> Path:
+    """configs/deepspeed/zero3.json with every parameter partitioned. By default ZeRO-3 keeps a parameter of fewer
+    than 100,000 elements whole on every rank (``stage3_param_persistence_threshold``): every parameter of the
+    tiny model, so nothing would be gathered, and a rank that skipped a forward would go unnoticed."""
+    config = json.loads((ROOT / "configs" / "deepspeed" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = directory / "zero3_partitioned.json"
+    path.write_text(json.dumps(config))
+    return path
 
 
 @pytest.mark.parametrize("preset", ["zero2", "zero2_offload", "zero3"])
 def test_deepspeed_matches_one_process(preset: str, reference: Path, demo_root: Path, tmp_path: Path):
-    """ZeRO-3 partitions the projectors too: ranks whose micro-batch lacks a modality still run its projector
-    (on a dummy segment), or the other rank would wait forever in that projector's all-gather."""
+    """ZeRO-3 (every parameter partitioned) gathers the projectors too: ranks whose micro-batch lacks a modality
+    still run its projector (on a dummy segment), and a rank with fewer validation samples runs a filler, or the
+    other rank would wait forever in a gather."""
     run_dir = tmp_path / "run"
-    train(run_dir, demo_root, f"deepspeed={preset}", nproc=2)
+    partitioned = [f"deepspeed.json={every_parameter_partitioned(tmp_path)}"] if preset == "zero3" else []
+    train(run_dir, demo_root, f"deepspeed={preset}", *partitioned, *VALIDATE, nproc=2)
     assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-6)
     assert token_counts(run_dir) == token_counts(reference)
+    assert validation_losses(run_dir) == pytest.approx(validation_losses(reference), rel=1e-6)
     assert_same_trainables(trainables(run_dir), trainables(reference), ATOL_LAYOUTS)
     if preset == "zero3":
         # The trainables of a partitioned run load into a fresh model built from the run's own config,
@@ -243,6 +272,44 @@ def test_stopped_by_sigterm_saves_at_the_step_boundary_and_resumes_to_the_same_w
     assert "step-00000003 at step 3" in output
     assert_same_trainables(trainables(stopped), trainables(whole))
     assert losses(stopped) == pytest.approx(losses(whole), rel=1e-6)
+
+
+def mean_answer_loss(run_dir: Path, trainables_dir: Path, split: str) -> float:
+    """The mean loss per answer token over ``split``, computed here sample by sample (a batch of one, no padding)
+    from the model's logits, with the run's config and the given trainables loaded into a fresh model."""
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg.data.builder.split = split
+    dataset, model, collator, encoders = build_data_and_model(cfg, CPU)
+    load_trainables(model, trainables_dir)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            batch = encode_media(encoders, collator([dataset[i]]))
+            logits, targets = model(batch).logits[0, :-1].double(), batch["labels"][0, 1:]
+            answer = targets != -100
+            total -= torch.log_softmax(logits[answer], dim=-1).gather(1, targets[answer, None]).sum().item()
+            count += int(answer.sum())
+    return total / count
+
+
+def test_validation_loss_is_logged_and_changes_no_weight(six_steps: Path, demo_root: Path, tmp_path: Path):
+    """validation.split=val after every 4 steps and the last. The run trains exactly the weights and logs exactly
+    the losses of the same run without validation, adapter dropout on (validation draws no random number and
+    gives the modules their modes back); each val_loss is the mean answer-token loss of that step's checkpoint,
+    computed independently, over all the samples of the split (3 per micro-batch: the last one is short)."""
+    run_dir = tmp_path / "run"
+    validate = ("validation.split=val", "validation.every_steps=4", "validation.micro_batch_size=3")
+    output = train(run_dir, demo_root, *SIX_STEPS, *validate, "loader.num_workers=1")
+    assert "validation: 11 samples of split val, every 4 steps and after the last" in output
+    assert losses(run_dir) == losses(six_steps)
+    assert_same_trainables(trainables(run_dir), trainables(six_steps), atol=0)
+    measured = validation_losses(run_dir)
+    assert list(measured) == [4, 6]
+    for step, val_loss in measured.items():
+        expected = mean_answer_loss(run_dir, run_dir / f"checkpoints/step-{step:08d}/trainables", "val")
+        assert val_loss == pytest.approx(expected, rel=1e-5)
+    assert measured[6] < measured[4]
 
 
 def test_deepspeed_resume_matches_uninterrupted(demo_root: Path, tmp_path: Path):

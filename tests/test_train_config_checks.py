@@ -48,6 +48,11 @@ def test_an_unknown_preset_is_refused_by_name():
         (["stop_signals=[SIGTERM,SIGKILL]"], r"stop_signals\[1\]: 'SIGKILL' is not one of"),
         (["stop_signals=SIGTERM"], "stop_signals must be a list of signal names"),
         (["fault.signal_to=parent"], "fault.signal_to must be one of"),
+        (["validation.split=train"], "validation.split=train is the split the run trains on"),
+        (["validation.split=val", "~data.builder.split"], r"validation.split: data.builder \(.*\) takes no split"),
+        (["validation.every_steps=-2"], "validation.every_steps must be an integer >= 0"),
+        (["validation.max_samples=0"], "validation.max_samples must be a positive integer or null"),
+        (["validation.micro_batch_size=1.5"], "validation.micro_batch_size must be a positive integer or null"),
         (["fault.signal_after_step=1", "fault.signal_to=launcher"], "fault.signal_to=launcher signals torchrun"),
     ],
 )

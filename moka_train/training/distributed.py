@@ -97,8 +97,14 @@ def broadcast_object(value: object, ctx: DistributedContext) -> object:
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """The sum over ranks (a no-op copy when alone)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+    """The sum over ranks, on ``values``' device (a copy when there is no process group). NCCL reduces CUDA
+    tensors only ("No backend type associated with device type cpu"), so under NCCL a CPU tensor (the loop's
+    per-step totals) makes the trip through this rank's GPU."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values.clone()
+    if dist.get_backend() == "nccl" and values.device.type != "cuda":
+        summed = values.to(torch.device("cuda", torch.cuda.current_device()))
+    else:
+        summed = values.clone()
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    return summed.to(values.device)

@@ -65,6 +65,15 @@ class TorchEngine:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return self.wrapped(batch, label_normalizer=label_normalizer)
 
+    def evaluate(self, batch: dict[str, Any]) -> MultimodalOutput:
+        """A validation forward: no gradient, and the module itself rather than DDP, whose forward would
+        broadcast buffers. The loss is the sum over the batch's label tokens."""
+        with (
+            torch.no_grad(),
+            torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None),
+        ):
+            return self.module(batch, label_normalizer=1)
+
     def backward(self, loss: Tensor, skip: bool = False) -> None:
         if not skip:  # a skipped step's gradients are never applied: no need to compute them
             (loss * self.world_size).backward()
@@ -135,6 +144,12 @@ class DeepSpeedEngine:
 
     def forward(self, batch: dict[str, Any], label_normalizer: int) -> MultimodalOutput:
         return self.engine(batch, label_normalizer=label_normalizer)
+
+    def evaluate(self, batch: dict[str, Any]) -> MultimodalOutput:
+        """A validation forward without gradients, through DeepSpeed's engine (its precision; under ZeRO-3 it
+        gathers the parameters, so every rank must run as many). The loss is the sum over the label tokens."""
+        with torch.no_grad():
+            return self.engine(batch, label_normalizer=1)
 
     def backward(self, loss: Tensor, skip: bool = False) -> None:
         self._skipping = skip

@@ -20,7 +20,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moka_train.checkpoint_io import write_atomic
 from moka_train.data.caching import fill_feature_caches, open_caches
@@ -62,15 +64,17 @@ from moka_train.training.guards import check_loss
 from moka_train.training.run_logger import RunLogger
 from moka_train.training.schedule import SCHEDULES, build_lr_scheduler
 from moka_train.training.stop_signals import StopSignals, ignore_stop_signals, parse_stop_signals
+from moka_train.training.validation import spread_evenly, validation_batches, validation_loss
 
 logger = logging.getLogger("moka_train.train")
 
 STAGES = ("pretrain", "instruct")
-# Settings a resumed run may change: where and how it logs, how it loads data, when it saves or stops, fault
-# injection. model.architecture only feeds scripts/adapter_costs.py (the weights come from model.backbone).
+# Settings a resumed run may change: where and how it logs, how it loads data, when it saves or stops, what it
+# validates on (validation changes no weight), fault injection. model.architecture only feeds
+# scripts/adapter_costs.py (the weights come from model.backbone).
 RESUMABLE_CHANGES = (
     "resume", "logger", "loader.num_workers", "checkpoint", "stop_signals", "fault", "features.fill", "probe_media",
-    "model.architecture",
+    "model.architecture", "validation",
 )  # fmt: skip
 FAULT_EXIT_CODE = 17
 FAULT_SIGNAL_TARGETS = ("self", "group", "launcher")
@@ -133,12 +137,32 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"resume must be auto, none or a checkpoint path, got {cfg.resume!r}")
     if cfg.resume == "auto" and cfg.run_dir is None:
         raise ValueError("resume=auto resumes the run in run_dir: give run_dir=<the run's directory>")
+    check_validation_config(cfg)
     parse_stop_signals(cfg.stop_signals)
     if cfg.fault.signal_to not in FAULT_SIGNAL_TARGETS:
         raise ValueError(f"fault.signal_to must be one of {FAULT_SIGNAL_TARGETS}, got {cfg.fault.signal_to!r}")
     launcher = cfg.fault.signal_after_step is not None and cfg.fault.signal_to == "launcher"
     if launcher and "TORCHELASTIC_RUN_ID" not in os.environ:
         raise ValueError("fault.signal_to=launcher signals torchrun: launch the run with torchrun")
+
+
+def check_validation_config(cfg: DictConfig) -> None:
+    validation = cfg.validation
+    split = validation.split
+    if split is not None:
+        if not isinstance(split, str) or not split:
+            raise ValueError(f"validation.split must be a split name of data.builder or null, got {split!r}")
+        if "split" not in cfg.data.builder:
+            raise ValueError(f"validation.split: data.builder ({cfg.data.builder._target_}) takes no split argument")
+        if split == cfg.data.builder.split:
+            raise ValueError(f"validation.split={split} is the split the run trains on (data.builder.split)")
+    every = validation.every_steps
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        raise ValueError(f"validation.every_steps must be an integer >= 0, got {every!r}")
+    for key in ("max_samples", "micro_batch_size"):
+        value = validation[key]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"validation.{key} must be a positive integer or null, got {value!r}")
 
 
 def init_entries(init_from: Any) -> list[dict[str, Any]]:
@@ -198,30 +222,56 @@ def fingerprinted_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # -- data and model -----------------------------------------------------------------------------------
-def build_data_and_model(
-    cfg: DictConfig, ctx: DistributedContext, inference: bool = False
-) -> tuple[MultimodalDataset, MultimodalLM, MultimodalCollator, dict[str, torch.nn.Module]]:
-    """The dataset, the model, the collator and the frozen encoders of the raw media (empty with a cache).
-    ``inference``: prompts without their answers, left-padded, for generation."""
-    records: list[Record] = list(instantiate(cfg.data.builder))
+@dataclass
+class Datasets:
+    """The data of a run: the training set, the validation set (``validation.split``, when asked for), the
+    frozen encoders of the raw media (empty when the features are cached) and their widths."""
+
+    train: MultimodalDataset
+    validation: MultimodalDataset | None
+    encoders: dict[str, torch.nn.Module]
+    encoder_widths: dict[str, int]
+
+
+def build_records(cfg: DictConfig, split: str | None = None) -> list[Record]:
+    """``data.builder``'s records, of another ``split`` when given (the validation set's)."""
+    builder = cfg.data.builder
+    records: list[Record] = list(instantiate(builder) if split is None else instantiate(builder, split=split))
     if not records:
-        raise ValueError(f"data.builder ({cfg.data.builder._target_}) gave no records")
+        where = "data.builder" if split is None else f"data.builder with validation.split={split}"
+        raise ValueError(f"{where} ({builder._target_}) gave no records")
     if cfg.probe_media:
         records = check_media(records, "error", source="probe_media", probe=True)
+    return records
+
+
+def build_datasets(
+    cfg: DictConfig, ctx: DistributedContext, inference: bool = False, validation: bool = False
+) -> Datasets:
+    """The records, the frozen encoders and the datasets; with a feature cache, the features of every record
+    (the validation set's too) are encoded into it first. ``inference``: prompts without their answers.
+    ``validation``: also the validation set, when ``validation.split`` names one."""
+    records = build_records(cfg)
+    held_out = None
+    if validation and cfg.validation.split is not None:
+        held_out = spread_evenly(build_records(cfg, cfg.validation.split), cfg.validation.max_samples)
     needed = sorted({ref.modality for record in records for ref in record.media})
+    extra = sorted({ref.modality for record in held_out or [] for ref in record.media} - set(needed))
+    if extra:
+        raise ValueError(f"validation.split={cfg.validation.split} has {extra} media, which the training split lacks")
     encoder_cfgs = cfg.get("encoder") or {}
     missing = [m for m in needed if m not in encoder_cfgs]
     if missing:
         raise ValueError(f"the data has {missing} media but no encoder for them: add encoder/{missing[0]}=<preset>")
     encoders = {m: instantiate(encoder_cfgs[m]) for m in needed}  # frozen, eval mode
+    encoder_widths = {m: int(e.hidden_size) for m, e in encoders.items()}
     media_cfg = OmegaConf.to_container(cfg.data.media, resolve=True)
     loader = build_media_loader(media_cfg, encoders.get("visual"))
 
     # The model never holds the encoders: raw media are encoded in the training loop (encode_media), outside
     # the module DeepSpeed wraps and partitions, or once into the feature cache.
-    encoder_widths = {m: int(e.hidden_size) for m, e in encoders.items()}
     if cfg.features.cache_dir is None:
-        dataset = MultimodalDataset(records, loader=loader, inference=inference, zero_media=cfg.blind)
+        source: dict[str, Any] = {"loader": loader}
         encoders = {m: e.to(ctx.device) for m, e in encoders.items()}
     else:
         plain_encoders = {m: OmegaConf.to_container(encoder_cfgs[m], resolve=True) for m in needed}
@@ -229,7 +279,7 @@ def build_data_and_model(
             caches = open_caches(cfg.features.cache_dir, plain_encoders, media_cfg)
             device = ctx.device if ctx.device.type == "cuda" else "cpu"
             fill_feature_caches(
-                records,
+                records + (held_out or []),
                 {m: e.to(device) for m, e in encoders.items()},
                 caches,
                 loader,
@@ -238,10 +288,19 @@ def build_data_and_model(
                 device=device,
             )
             ctx.barrier()
-        caches = open_caches(cfg.features.cache_dir, plain_encoders, media_cfg)  # with every rank's shards
-        dataset = MultimodalDataset(records, caches=caches, inference=inference, zero_media=cfg.blind)
+        source = {"caches": open_caches(cfg.features.cache_dir, plain_encoders, media_cfg)}  # every rank's shards
         encoders = {}  # done: the features are cached
 
+    def dataset(of: list[Record]) -> MultimodalDataset:
+        return MultimodalDataset(of, inference=inference, zero_media=cfg.blind, **source)
+
+    return Datasets(dataset(records), None if held_out is None else dataset(held_out), encoders, encoder_widths)
+
+
+def build_model_and_collator(
+    cfg: DictConfig, encoder_widths: dict[str, int], inference: bool = False
+) -> tuple[MultimodalLM, MultimodalCollator]:
+    """The model (backbone, projectors, adapter; initialised from ``stage.init_from``) and its collator."""
     backbone = instantiate(cfg.model.backbone)
     tokenizer = instantiate(cfg.model.tokenizer)
     adapter = instantiate(cfg.adapter) if cfg.get("adapter") is not None else None
@@ -275,7 +334,17 @@ def build_data_and_model(
         media_kind="raw" if cfg.features.cache_dir is None else "features",
         fill_empty=not inference,  # an empty micro-batch runs as a filler (the training loop)
     )
-    return dataset, model, collator, encoders
+    return model, collator
+
+
+def build_data_and_model(
+    cfg: DictConfig, ctx: DistributedContext, inference: bool = False
+) -> tuple[MultimodalDataset, MultimodalLM, MultimodalCollator, dict[str, torch.nn.Module]]:
+    """The dataset, the model, the collator and the frozen encoders of the raw media (empty with a cache).
+    ``inference``: prompts without their answers, left-padded, for generation."""
+    data = build_datasets(cfg, ctx, inference)
+    model, collator = build_model_and_collator(cfg, data.encoder_widths, inference)
+    return data.train, model, collator, data.encoders
 
 
 def build_engine(
@@ -328,6 +397,12 @@ def record_dropped_samples(run_dir: Path, rank: int, step: int, sample_ids: list
         file.writelines(f"{step}\t{sample_id}\n" for sample_id in sample_ids)
 
 
+def due(step: int, every: int, total_steps: int) -> bool:
+    """Whether a periodic action (a checkpoint, a validation) runs after ``step``: every ``every`` steps (never
+    for 0) and after the last."""
+    return step == total_steps or (every > 0 and step % every == 0)
+
+
 def send_fault_signal(target: str) -> None:
     """Fault injection: SIGTERM to this process, to its process group (its DataLoader workers too, as Ctrl-C or a
     scheduler signals them), or to torchrun's agent, which passes it on to every worker."""
@@ -369,7 +444,9 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
     logger.info("run directory %s (%d rank(s) on %s)", run_dir, ctx.world_size, ctx.device)
 
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
-    dataset, model, collator, encoders = build_data_and_model(cfg, ctx)
+    data = build_datasets(cfg, ctx, validation=True)
+    dataset, encoders = data.train, data.encoders
+    model, collator = build_model_and_collator(cfg, data.encoder_widths)
     plan = BatchPlan(
         len(dataset),
         cfg.stage.global_batch_size,
@@ -407,6 +484,16 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
     sampler = PlanSampler(plan, ctx.rank, cfg.stage.epochs, start_step, cfg.stage.max_steps)
     stop = StopSignals(cfg.stop_signals)
     engine.module.train()
+    if data.validation is not None:
+        held_out = validation_batches(
+            len(data.validation),
+            cfg.validation.micro_batch_size or cfg.stage.micro_batch_size,
+            ctx.rank,
+            ctx.world_size,
+        )
+        every = cfg.validation.every_steps
+        when = f"every {every} steps and after the last" if every else "after the last step"
+        logger.info("validation: %d samples of split %s, %s", len(data.validation), cfg.validation.split, when)
     run_log = RunLogger.from_config(
         OmegaConf.to_container(cfg.logger, resolve=True),
         run_dir,
@@ -415,25 +502,28 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
         initial_step=start_step,
         rank=ctx.rank,
     )
-    batches = iter(
-        DataLoader(
-            dataset,
-            batch_sampler=sampler,
+
+    def loader(of: MultimodalDataset, batch_sampler: Iterable[list[int]]) -> DataLoader:
+        return DataLoader(
+            of,
+            batch_sampler=batch_sampler,
             collate_fn=collator,
             num_workers=cfg.loader.num_workers,
             pin_memory=ctx.device.type == "cuda",
             # Its own generator: a DataLoader iterator otherwise draws its worker seed from the global RNG,
-            # which a resumed run has just restored for dropout.
+            # which a resumed run has just restored for dropout (and which validation must not move).
             generator=torch.Generator().manual_seed(cfg.seed),
             # Workers ignore stop signals: a group-wide one (Ctrl-C, a scheduler's) would end them, and the main
-            # process would fail mid-step. They leave when the iterator is dropped (the finally below, in every
-            # outcome): at interpreter exit multiprocessing would end them with a SIGTERM, which they ignore.
+            # process would fail mid-step. They leave when their iterator is exhausted or dropped (the finally
+            # below, in every outcome): at interpreter exit multiprocessing would end them with a SIGTERM, which
+            # they ignore.
             worker_init_fn=functools.partial(ignore_stop_signals, stop.signals),
         )
-    )
+
+    batches = iter(loader(dataset, sampler))
     failed, dropped_in_run, stopped = True, 0, None
     try:
-        with stop:
+        with stop, logging_redirect_tqdm(loggers=[logging.getLogger()]):  # log lines above the bar
             for step in range(start_step + 1, total_steps + 1):
                 started, lr = time.monotonic(), engine.lr()  # the rate this step uses
                 micro_batches = [
@@ -479,13 +569,24 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
                 if cfg.loader.on_overflow == "drop":
                     metrics["dropped_samples"] = totals[2].item()
                     dropped_in_run += int(totals[2].item())
+                stopping = totals[3].item() > 0 and step < total_steps  # at the last step the run just ends
+                if data.validation is not None and not stopping and due(step, cfg.validation.every_steps, total_steps):
+                    validation_started = time.monotonic()
+                    val_batches = loader(data.validation, held_out)
+                    metrics["val_loss"], label_tokens = validation_loss(engine, val_batches, encoders)
+                    metrics["val_time"] = time.monotonic() - validation_started
+                    logger.info(
+                        "step %d: validation loss %.4f (%d answer tokens, %.1f s)",
+                        step,
+                        metrics["val_loss"],
+                        label_tokens,
+                        metrics["val_time"],
+                    )
                 run_log.log(step, metrics)
                 if cfg.fault.exit_after_step == step:
                     logger.warning("fault injection: exiting after step %d", step)
                     os._exit(FAULT_EXIT_CODE)
-                stopping = totals[3].item() > 0 and step < total_steps  # at the last step the run just ends
-                every = cfg.checkpoint.every_steps
-                if step == total_steps or (every and step % every == 0) or stopping:
+                if due(step, cfg.checkpoint.every_steps, total_steps) or stopping:
                     path = save(step)
                 if stopping:
                     stopped = RunStoppedError(stop.received, step, path)

@@ -420,7 +420,8 @@ def _trailing_mean(values: Sequence[float], window: int) -> list[float]:
 
 
 def write_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike, title: str | None = None) -> bool:
-    """Loss against step (raw and a trailing mean), learning rate on a twin axis, as a PNG. Drawn with
+    """Loss against step (raw and a trailing mean), the validation loss where there is one (``val_loss``),
+    learning rate on a twin axis, as a PNG. Drawn with
     matplotlib's Agg canvas directly, not pyplot, so no global backend is switched and no display is needed.
 
     Returns False (after a warning) when there is nothing to draw or matplotlib is not installed."""
@@ -443,6 +444,17 @@ def write_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLik
     axis.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
     window = max(2, min(50, len(loss) // 10))
     axis.plot(steps, _trailing_mean(loss, window), color="tab:blue", linewidth=2, label=f"loss (mean of {window})")
+    validated = [r for r in records if r.get("val_loss") is not None]
+    if validated:
+        axis.plot(
+            [r["step"] for r in validated],
+            [float(r["val_loss"]) for r in validated],
+            color="tab:green",
+            marker="o",
+            markersize=4,
+            linewidth=1.5,
+            label="validation loss",
+        )
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.grid(alpha=0.3)
