@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moka_train.training.guards import NonFiniteLossError, check_loss
+from tests.launch import free_port
 
 
 def test_finite_loss_goes_on():
@@ -42,13 +43,9 @@ def _rank(rank: int, port: int, results) -> None:
 
 def test_every_rank_skips_when_one_rank_is_nonfinite():
     """Rank 0's loss is finite, rank 1's NaN: both skip, or rank 0 would step alone and the ranks diverge."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     with mp.get_context("spawn").Manager() as manager:
         results = manager.dict()
         mp.start_processes(_rank, args=(port, results), nprocs=2, start_method="spawn", join=True)

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from moka_train.models.mllm import encode_media
 from moka_train.models.trainables import load_trainables, trainables_state_dict
 from moka_train.training.recipe import FAULT_EXIT_CODE, build_data_and_model
 from moka_train.training.run_logger import read_metrics
-from tests.launch import ROOT, describe, environment, run, torchrun
+from tests.launch import ROOT, describe, environment, free_port, run, torchrun
 from tests.test_demo_data import demo
 from tests.trained_runs import CPU
 
@@ -138,12 +137,6 @@ def test_reference_run_writes_a_complete_run_directory(reference: Path):
     assert (reference / "loss_curve.png").stat().st_size > 0
     # The last checkpoint's trainables are the run's result.
     assert_same_trainables(trainables(reference), trainables(reference, "checkpoints/step-00000004/trainables"), 0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_node_launch_matches_one_process(reference: Path, demo_root: Path, tmp_path: Path):

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from moka_train.training.distributed import all_reduce_sum
 from moka_train.training.validation import spread_evenly, validation_batches
+from tests.launch import free_port
 
 
 def test_validation_batches_by_hand():
@@ -63,14 +64,6 @@ GROUP_OF_ONE = textwrap.dedent(
     print("ok")
     """
 )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(

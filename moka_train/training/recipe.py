@@ -113,7 +113,7 @@ def check_config(cfg: DictConfig) -> None:
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
     }
     for key, value in positive.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _integer(value) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
     if not isinstance(stage.drop_last, bool):
         raise ValueError(f"stage.drop_last must be true or false, got {stage.drop_last!r}")
@@ -146,6 +146,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError("fault.signal_to=launcher signals torchrun: launch the run with torchrun")
 
 
+def _integer(value: Any) -> bool:
+    """An int from the config; YAML's true / false are bools, which Python counts as ints."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_validation_config(cfg: DictConfig) -> None:
     validation = cfg.validation
     split = validation.split
@@ -157,11 +162,11 @@ def check_validation_config(cfg: DictConfig) -> None:
         if split == cfg.data.builder.split:
             raise ValueError(f"validation.split={split} is the split the run trains on (data.builder.split)")
     every = validation.every_steps
-    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+    if not _integer(every) or every < 0:
         raise ValueError(f"validation.every_steps must be an integer >= 0, got {every!r}")
     for key in ("max_samples", "micro_batch_size"):
         value = validation[key]
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and (not _integer(value) or value < 1):
             raise ValueError(f"validation.{key} must be a positive integer or null, got {value!r}")
 
 
