@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moka_train.adapters import AdapterConfig, RoutingError, inject_adapters, set_routing
+from moka_train.adapters.model import cache_offset
 from moka_train.modality import Modality
 from tests.helpers import (
     VOCAB,
@@ -103,6 +104,20 @@ def test_chunked_prefill_is_refused():
     set_routing(model, ids, question)
     with pytest.raises(RoutingError, match="chunked prefill"):
         model(input_ids=prompt[:, half:], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_the_cache_offset_is_read_under_either_name_of_the_cache(keyword):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` and stopped passing ``cache_position``; a
+    decode step must still be told from a prefill whichever name reaches the pre-hook."""
+    model, prompt, mask = adapted("llama")
+    with torch.no_grad():
+        out = model(input_ids=prompt, attention_mask=mask, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    assert cache_offset({keyword: cache}) == prompt.shape[1]
+    assert cache_offset({"cache_position": torch.tensor([6, 7])}) == 6
+    assert cache_offset({keyword: ((torch.zeros(1, 2, 9, 4), torch.zeros(1, 2, 9, 4)),)}) == 9  # legacy tuple
+    assert cache_offset({}) == 0
 
 
 def test_single_token_prompt_is_not_a_decode_step():

@@ -78,12 +78,15 @@ def _record_cache_offset(routing: RoutingState):
 
 
 def cache_offset(kwargs: dict) -> int:
-    """Absolute position of the first input token: from ``cache_position`` (transformers 4.x) or the
-    length of ``past_key_values`` (pass it by keyword), else 0."""
+    """Absolute position of the first input token: from ``cache_position`` (transformers < 5.24, which passes
+    it), else the length of the KV cache, ``cache`` (5.24+) or ``past_key_values`` (earlier; pass either by
+    keyword), else 0."""
     cache_position = kwargs.get("cache_position")
     if cache_position is not None:
         return int(cache_position.reshape(-1)[0])
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("cache")
+    if cache is None:
+        cache = kwargs.get("past_key_values")
     if cache is None:
         return 0
     if hasattr(cache, "get_seq_length"):
