@@ -117,7 +117,7 @@ def check_config(cfg: DictConfig) -> None:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
     if not isinstance(stage.drop_last, bool):
         raise ValueError(f"stage.drop_last must be true or false, got {stage.drop_last!r}")
-    if stage.max_steps is not None and (not isinstance(stage.max_steps, int) or stage.max_steps < 1):
+    if stage.max_steps is not None and (not _integer(stage.max_steps) or stage.max_steps < 1):
         raise ValueError(f"stage.max_steps must be a positive integer or null, got {stage.max_steps!r}")
     if not (isinstance(stage.lr, (int, float)) and stage.lr > 0):
         raise ValueError(f"stage.lr must be a positive number, got {stage.lr!r}")
@@ -129,8 +129,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"stage.precision must be fp32, bf16 or fp16, got {stage.precision!r}")
     if stage.weight_decay < 0 or stage.gradient_clipping < 0:
         raise ValueError("stage.weight_decay and stage.gradient_clipping must be >= 0")
-    if cfg.checkpoint.every_steps < 0:
-        raise ValueError(f"checkpoint.every_steps must be >= 0, got {cfg.checkpoint.every_steps!r}")
+    if not _integer(cfg.checkpoint.every_steps) or cfg.checkpoint.every_steps < 0:
+        raise ValueError(f"checkpoint.every_steps must be an integer >= 0, got {cfg.checkpoint.every_steps!r}")
     if cfg.on_nonfinite not in ("error", "skip"):
         raise ValueError(f"on_nonfinite must be error or skip, got {cfg.on_nonfinite!r}")
     if not isinstance(cfg.resume, str) or not cfg.resume:
