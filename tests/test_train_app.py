@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -355,6 +356,19 @@ def test_stage1_trainables_start_stage2(demo_root: Path, tmp_path: Path):
 def test_nonfinite_loss_stops_naming_the_step(demo_root: Path, tmp_path: Path):
     output = train(tmp_path / "stop", demo_root, "deepspeed=none", "fault.nonfinite_loss_at_step=2", expect=1)
     assert "non-finite loss at step 2" in output and "samples on this rank: [" in output
+
+
+def test_a_media_error_in_a_loader_worker_ends_the_run_naming_the_file(demo_root: Path, tmp_path: Path):
+    """A video that fails to decode in a DataLoader worker ends the run with the error. The worker ignores the stop
+    signals, and the error's traceback used to keep it alive, so the process hung at exit after printing it."""
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    first = json.loads((root / "json_update" / "avqa-train.json").read_text())[0]
+    video = root / "MUSIC-AVQA-Videos" / f"{first['video_id']}.mp4"
+    video.write_bytes(b"not a video")
+    cmd = command(tmp_path / "run", root, "deepspeed=none", "loader.num_workers=1")
+    returncode, output = run(cmd, timeout=90)  # ~9 s; it used to hang until killed
+    assert returncode == 1 and str(video) in output, describe(cmd, returncode, output)
 
 
 # Step 2's last micro-batch on rank 0 is made NaN, after the step's earlier micro-batches were back-propagated.

@@ -9,13 +9,17 @@ import subprocess
 import sys
 import textwrap
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
 
 from moka_train.training.distributed import all_reduce_sum
-from moka_train.training.validation import spread_evenly, validation_batches
+from moka_train.training.engine import TorchEngine
+from moka_train.training.validation import spread_evenly, validation_batches, validation_loss
 from tests.launch import free_port
+from tests.test_mllm import build, make_batch
 
 
 def test_validation_batches_by_hand():
@@ -26,7 +30,7 @@ def test_validation_batches_by_hand():
     assert validation_batches(1, 1, 2, 3) == [[]]  # more ranks than samples: a filler each
 
 
-@pytest.mark.parametrize(("size", "micro", "world"), itertools.product([1, 6, 7, 17], [1, 2, 3], [1, 2, 3, 4]))
+@pytest.mark.parametrize(("size", "micro", "world"), list(itertools.product([1, 6, 7, 17], [1, 2, 3], [1, 2, 3, 4])))
 def test_validation_batches_cover_every_sample_once_in_lockstep(size, micro, world):
     per_rank = [validation_batches(size, micro, rank, world) for rank in range(world)]
     assert len({len(batches) for batches in per_rank}) == 1  # every rank runs as many forwards
@@ -41,6 +45,33 @@ def test_spread_evenly():
     assert spread_evenly(items, 1) == [0]
     assert spread_evenly(items, None) == items
     assert spread_evenly(items, 10) == items and spread_evenly(items, 50) == items
+
+
+class _BadSecondBatch(Dataset):
+    """Collated validation batches, the second of which fails to load (as a corrupt media file would)."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> dict:
+        if index == 1:
+            raise ValueError("validation record 1: unreadable media")
+        return make_batch(seed=index)
+
+
+def test_an_error_mid_validation_restores_the_modes_and_ends_the_loaders_worker():
+    """The error reaches the caller, every module gets its training mode back, and the DataLoader's worker is
+    gone as soon as validation_loss returns, though the traceback the caller holds keeps its frame alive."""
+    model = build(adapter="moka").train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    engine = TorchEngine(model, optimizer, scheduler, torch.device("cpu"), 1, "fp32", 0.0)
+    batches = DataLoader(_BadSecondBatch(), batch_size=None, num_workers=1)
+    with pytest.raises(ValueError, match="validation record 1") as raised:
+        validation_loss(engine, batches, encoders={})
+    assert all(module.training for module in model.modules())
+    assert psutil.Process().children(recursive=True) == [], "the validation DataLoader's worker outlived the error"
+    del raised
 
 
 def test_all_reduce_sum_without_a_group_is_a_copy():

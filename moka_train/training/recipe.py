@@ -63,7 +63,7 @@ from moka_train.training.engine import DeepSpeedEngine, Engine, TorchEngine
 from moka_train.training.guards import check_loss
 from moka_train.training.run_logger import RunLogger
 from moka_train.training.schedule import SCHEDULES, build_lr_scheduler
-from moka_train.training.stop_signals import StopSignals, ignore_stop_signals, parse_stop_signals
+from moka_train.training.stop_signals import StopSignals, ignore_stop_signals, iterate_loader, parse_stop_signals
 from moka_train.training.validation import spread_evenly, validation_batches, validation_loss
 
 logger = logging.getLogger("moka_train.train")
@@ -519,13 +519,13 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
             # which a resumed run has just restored for dropout (and which validation must not move).
             generator=torch.Generator().manual_seed(cfg.seed),
             # Workers ignore stop signals: a group-wide one (Ctrl-C, a scheduler's) would end them, and the main
-            # process would fail mid-step. They leave when their iterator is exhausted or dropped (the finally
-            # below, in every outcome): at interpreter exit multiprocessing would end them with a SIGTERM, which
-            # they ignore.
+            # process would fail mid-step. They leave when their iterate_loader generator ends or is dropped (the
+            # finally below, in every outcome): at interpreter exit multiprocessing would end them with a SIGTERM,
+            # which they ignore.
             worker_init_fn=functools.partial(ignore_stop_signals, stop.signals),
         )
 
-    batches = iter(loader(dataset, sampler))
+    batches = iterate_loader(loader(dataset, sampler))
     failed, dropped_in_run, stopped = True, 0, None
     try:
         with stop, logging_redirect_tqdm(loggers=[logging.getLogger()]):  # log lines above the bar

@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # SIGKILL and SIGSTOP cannot be caught; other signals (SIGSEGV, SIGCHLD, ...) are not requests to stop.
 CATCHABLE = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
@@ -84,7 +86,32 @@ class StopSignals:
 def ignore_stop_signals(signals: tuple[signal.Signals, ...], worker_id: int = 0) -> None:
     """A DataLoader ``worker_init_fn`` (bind ``signals`` with functools.partial): a signal sent to the whole
     process group (Ctrl-C, SLURM's) must not end the workers, whose death the main process would report as an
-    error before it reaches the step boundary. The owner of the loader must then shut them down itself (drop
-    its iterator) before the interpreter exits: multiprocessing's exit handler ends workers with a SIGTERM."""
+    error before it reaches the step boundary. The owner of the loader must then shut them down itself before the
+    interpreter exits (iterate it with ``iterate_loader``): multiprocessing's exit handler ends workers with a
+    SIGTERM."""
     for sig in signals:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def iterate_loader(loader: Iterable[T]) -> Iterator[T]:
+    """Iterate a DataLoader whose workers ignore the stop signals so that they leave whenever this generator ends:
+    exhausted, closed (drop it in a ``finally``) or failed.
+
+    A worker's error (a corrupt media file) is re-raised by the DataLoader from inside its iterator, whose frames
+    the traceback keeps, and with them the iterator and its workers, until the interpreter's exit, where
+    multiprocessing's SIGTERM cannot end them: the process would hang after printing the error. So the error is
+    raised here without those frames; its message still holds the worker's own traceback.
+    """
+    iterator = iter(loader)
+    try:
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            except Exception as error:
+                error.__traceback__ = None
+                raise error
+            yield item
+    finally:
+        del iterator

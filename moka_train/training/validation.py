@@ -14,6 +14,7 @@ from moka_train.data.collate import batch_to_device
 from moka_train.models.mllm import encode_media
 from moka_train.training.distributed import all_reduce_sum
 from moka_train.training.engine import Engine
+from moka_train.training.stop_signals import iterate_loader
 
 T = TypeVar("T")
 
@@ -46,7 +47,7 @@ def validation_loss(
     modes = [(module, module.training) for module in engine.module.modules()]
     engine.module.eval()
     summed, labels = torch.zeros((), dtype=torch.float64), 0
-    iterator = iter(batches)
+    iterator = iterate_loader(batches)
     try:
         with torch.no_grad():
             for batch in iterator:
@@ -54,9 +55,7 @@ def validation_loss(
                 summed += output.loss.double().cpu()  # summed over the batch's label tokens; a filler's is 0
                 labels += output.label_count
     finally:
-        # A DataLoader's workers leave now, on an error too: the recipe's ignore stop signals, so the SIGTERM
-        # multiprocessing sends stray workers at exit would not end them.
-        del iterator
+        del iterator  # a DataLoader's workers leave now, on an error too (see iterate_loader)
         for module, training in modes:
             module.training = training
     totals = all_reduce_sum(torch.stack([summed, torch.tensor(float(labels), dtype=torch.float64)]))
