@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,8 @@ from moka_train.adapters import adapter_named_parameters
 from moka_train.modality import Modality
 
 VOCAB = 128
+# transformers 5.24 renamed the KV-cache argument and output past_key_values to cache (the old name is deprecated).
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 # Small enough for milliseconds per step, with grouped-query attention as in the real backbones.
@@ -85,16 +88,16 @@ def cached_greedy_steps(
     positions = position_ids(mask)
     with torch.no_grad():
         out = model(input_ids=prompt, attention_mask=mask, position_ids=positions, use_cache=True)
-        step_logits, cache, tokens, attention = [out.logits[:, -1]], out.past_key_values, [], mask
+        step_logits, cache, tokens, attention = [out.logits[:, -1]], getattr(out, CACHE), [], mask
         for _ in range(steps):
             token = step_logits[-1].argmax(-1, keepdim=True)
             tokens.append(token)
             attention = torch.cat([attention, torch.ones_like(token)], dim=1)
             positions = positions[:, -1:] + 1
             out = model(
-                input_ids=token, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
+                input_ids=token, attention_mask=attention, position_ids=positions, use_cache=True, **{CACHE: cache}
             )
-            cache = out.past_key_values
+            cache = getattr(out, CACHE)
             step_logits.append(out.logits[:, -1])
     return step_logits, torch.cat([prompt, *tokens], dim=1), attention
 

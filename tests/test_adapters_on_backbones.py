@@ -93,7 +93,7 @@ def _adapter_grads(use_checkpointing: bool, reentrant: bool, method: str) -> dic
     randomize_adapters(model)
     model.train()
     if use_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
         # The embeddings are frozen: without inputs that require grad, reentrant checkpointing would
         # cut the graph and leave every adapter gradient at None.
         model.enable_input_require_grads()

@@ -294,7 +294,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
         randomize_dora(model)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
             model.enable_input_require_grads()
         ids = tokens()
         torch.manual_seed(123)  # the same dropout masks; checkpointing replays the RNG

@@ -10,6 +10,7 @@ from moka_train.adapters import AdapterConfig, RoutingError, inject_adapters, se
 from moka_train.adapters.model import cache_offset
 from moka_train.modality import Modality
 from tests.helpers import (
+    CACHE,
     VOCAB,
     cached_greedy_steps,
     position_ids,
@@ -103,7 +104,7 @@ def test_chunked_prefill_is_refused():
     ids, question, _ = routing_batch(LAYOUTS, pad_side="left")
     set_routing(model, ids, question)
     with pytest.raises(RoutingError, match="chunked prefill"):
-        model(input_ids=prompt[:, half:], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        model(input_ids=prompt[:, half:], attention_mask=mask, use_cache=True, **{CACHE: getattr(out, CACHE)})
 
 
 @pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
@@ -113,7 +114,7 @@ def test_the_cache_offset_is_read_under_either_name_of_the_cache(keyword):
     model, prompt, mask = adapted("llama")
     with torch.no_grad():
         out = model(input_ids=prompt, attention_mask=mask, use_cache=True)
-    cache = getattr(out, "cache", None) or out.past_key_values
+    cache = getattr(out, CACHE)
     assert cache_offset({keyword: cache}) == prompt.shape[1]
     assert cache_offset({"cache_position": torch.tensor([6, 7])}) == 6
     assert cache_offset({keyword: ((torch.zeros(1, 2, 9, 4), torch.zeros(1, 2, 9, 4)),)}) == 9  # legacy tuple
