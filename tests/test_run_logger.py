@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import threading
+import types
 import zlib
 from pathlib import Path
 
@@ -185,6 +186,16 @@ def test_metrics_jsonl_bar_and_tokens_per_s(tmp_path):
     assert "train 5/10" in text
     for shown in ("step=5", "loss=0.8000", "lr=5.00e-04", "tok/s=", "eta=00:02"):
         assert shown in text, shown
+
+
+def test_eta_spreads_the_time_between_steps_over_the_steps_left(tmp_path, monkeypatch):
+    """Steps of 1 s, with 4 s more (a validation) before step 2 is logged: from then on the ETA counts 4 s per 2, then
+    per 3 steps logged on top of the step time."""
+    clock = iter([0.0, 1.0, 6.0, 7.0])  # construction, then each log() call
+    monkeypatch.setattr(rl, "time", types.SimpleNamespace(monotonic=lambda: next(clock), time=rl.time.time))
+    with RunLogger(tmp_path, total_steps=10, bar=False, smoothing_window=3, rank=0) as logger:
+        etas = [logger.log(step, {"step_time": 1.0})["eta_s"] for step in (1, 2, 3)]
+    assert etas == pytest.approx([9 * 1.0, 8 * (1.0 + 4 / 2), 7 * (1.0 + 4 / 3)])
 
 
 def test_numpy_numbers_and_measured_step_time(tmp_path):

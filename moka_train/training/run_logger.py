@@ -218,6 +218,9 @@ class RunLogger:
         self._last_step = initial_step
         self._window: deque[tuple[float, float | None]] = deque(maxlen=smoothing_window)  # (step_time, tokens)
         self._last_time = time.monotonic()
+        # Time between steps outside them (validation, checkpoint saves), summed over the steps logged: the ETA
+        # spreads it over the steps to come, so a run that validates every N steps is not promised too early an end.
+        self._between_steps, self._steps_logged = 0.0, 0
         self._closed = False
         self._backends: list[_Backend] = []
         self._bar = None
@@ -299,7 +302,9 @@ class RunLogger:
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Record one optimizer step: ``loss``, ``lr``, ``tokens`` (tokens processed in the step) and
         ``step_time`` (seconds; measured here as the time since the previous call when absent); any other
-        numbers are passed through. Adds ``tokens_per_s``, ``tokens_per_s_smooth`` and ``eta_s``, then
+        numbers are passed through. Adds ``tokens_per_s``, ``tokens_per_s_smooth`` and ``eta_s`` (the steps left
+        times the smoothed step time plus the mean time per step spent between the calls outside ``step_time``:
+        validation, checkpoints), then
         updates the bar, writes a line to metrics.jsonl and sends everything to the backend(s).
 
         Returns the record written (empty on ranks other than 0). Steps must increase, checked on every rank
@@ -327,7 +332,10 @@ class RunLogger:
         if window_tokens and window_time > 0:
             values["tokens_per_s_smooth"] = sum(window_tokens) / window_time
         mean_step_time = sum(s for s, _ in self._window) / len(self._window)
-        values["eta_s"] = max(self.total_steps - step, 0) * mean_step_time
+        self._between_steps += max(measured - step_time, 0.0)
+        self._steps_logged += 1
+        per_step = mean_step_time + self._between_steps / self._steps_logged
+        values["eta_s"] = max(self.total_steps - step, 0) * per_step
 
         record = {"step": step, **{k: _json_number(v) for k, v in values.items()}, "wall_time": time.time()}
         self.history.append(record)
