@@ -68,6 +68,7 @@ def test_an_error_mid_validation_restores_the_modes_and_ends_the_loaders_worker(
     engine = TorchEngine(model, optimizer, scheduler, torch.device("cpu"), 1, "fp32", 0.0)
     batches = DataLoader(_BadSecondBatch(), batch_size=None, num_workers=1)
     before = set(psutil.Process().children(recursive=True))  # other tests' helpers (a resource tracker) may stay
+    # ``raised`` holds the traceback (with validation_loss's frame) through the checks below, as a caller would.
     with pytest.raises(ValueError, match="validation record 1") as raised:
         validation_loss(engine, batches, encoders={})
     assert all(module.training for module in model.modules())

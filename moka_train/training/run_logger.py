@@ -304,8 +304,8 @@ class RunLogger:
         ``step_time`` (seconds; measured here as the time since the previous call when absent); any other
         numbers are passed through. Adds ``tokens_per_s``, ``tokens_per_s_smooth`` and ``eta_s`` (the steps left
         times the smoothed step time plus the mean time per step spent between the calls outside ``step_time``:
-        validation, checkpoints), then
-        updates the bar, writes a line to metrics.jsonl and sends everything to the backend(s).
+        validation, checkpoints), then updates the bar, writes a line to metrics.jsonl and sends everything to the
+        backend(s).
 
         Returns the record written (empty on ranks other than 0). Steps must increase, checked on every rank
         so that a wrong loop fails everywhere alike."""
