@@ -236,9 +236,10 @@ def test_loss_curve_png(tmp_path, spy_plots):
 def test_the_curve_draws_the_validation_loss_where_it_was_measured(tmp_path, spy_plots):
     with RunLogger(tmp_path, total_steps=12, bar=False) as logger:
         for step in range(1, 13):
-            logger.log(step, {**step_metrics(step), **({"val_loss": 3.0 / step} if step % 4 == 0 else {})})
+            logger.log(step, {**step_metrics(step), **({"val_loss": abs(8.0 - step)} if step % 4 == 0 else {})})
     assert_valid_png(tmp_path / "loss_curve.png")
-    assert spy_plots == [list(range(1, 13))] * 2 + [[4, 8, 12], list(range(1, 13))]  # loss x 2, val_loss, lr
+    # loss x 2, val_loss, its lowest (step 8: 0.0), lr
+    assert spy_plots == [list(range(1, 13))] * 2 + [[4, 8, 12], [8], list(range(1, 13))]
 
 
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed")

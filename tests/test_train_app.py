@@ -30,6 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from moka_train.evaluation.runner import check_run_dir
 from moka_train.models.build import build_multimodal_lm
 from moka_train.models.mllm import encode_media
 from moka_train.models.trainables import load_trainables, trainables_state_dict
@@ -188,7 +189,7 @@ def every_parameter_partitioned(directory: Path) -> Path:
 def test_deepspeed_matches_one_process(preset: str, reference: Path, demo_root: Path, tmp_path: Path):
     """ZeRO-3 (every parameter partitioned) gathers the projectors too: ranks whose micro-batch lacks a modality
     still run its projector (on a dummy segment), and a rank with fewer validation samples runs a filler, or the
-    other rank would wait forever in a gather."""
+    other rank would wait forever in a gather; saving the best trainables gathers on every rank too."""
     run_dir = tmp_path / "run"
     partitioned = [f"deepspeed.json={every_parameter_partitioned(tmp_path)}"] if preset == "zero3" else []
     train(run_dir, demo_root, f"deepspeed={preset}", *partitioned, *VALIDATE, nproc=2)
@@ -196,6 +197,8 @@ def test_deepspeed_matches_one_process(preset: str, reference: Path, demo_root: 
     assert token_counts(run_dir) == token_counts(reference)
     assert validation_losses(run_dir) == pytest.approx(validation_losses(reference), rel=1e-6)
     assert_same_trainables(trainables(run_dir), trainables(reference), ATOL_LAYOUTS)
+    # The one validation, after the last step, kept its trainables as the best: saved by every rank (gathered).
+    assert_same_trainables(trainables(run_dir, "best/trainables"), trainables(run_dir), atol=0)
     if preset == "zero3":
         # The trainables of a partitioned run load into a fresh model built from the run's own config,
         # without DeepSpeed, and give the reference's weights.
@@ -485,3 +488,33 @@ def test_the_slurm_script_stops_at_the_time_limit_warning_and_requeues(demo_root
         log.seek(0)
         assert f"at step {step}" in log.read()
     assert [row["step"] for row in read_metrics(metrics)][-1] == 8 and (run_dir / "trainables").is_dir()
+
+
+def test_the_lowest_validation_loss_keeps_its_trainables_through_a_kill_and_resume(demo_root: Path, tmp_path: Path):
+    """validation.keep_best (on by default): <run_dir>/best holds the trainables of the step with the lowest
+    val_loss, here not the last step (a high rate overshoots), equal to that step's checkpoint. A run killed after
+    the next step and resumed from the best step's checkpoint keeps the same step, weights and record: the resumed
+    run compares its validation losses with the best so far that the checkpoint recorded."""
+    common = (*SIX_STEPS, "stage.lr=0.1", "checkpoint.every_steps=1", "checkpoint.keep_last=6",
+              "validation.split=val", "validation.every_steps=1", "validation.max_samples=4")  # fmt: skip
+    whole = tmp_path / "whole"
+    output = train(whole, demo_root, *common)
+    measured = validation_losses(whole)
+    lowest = min(measured, key=measured.get)
+    assert 1 < lowest < 6, f"this test needs the lowest validation loss between the first and last steps: {measured}"
+    assert os.readlink(whole / "best") == f"best_steps/step-{lowest:08d}"
+    assert_same_trainables(
+        trainables(whole, "best/trainables"), trainables(whole, f"checkpoints/step-{lowest:08d}/trainables"), atol=0
+    )
+    assert check_run_dir(whole / "best") == whole / f"best_steps/step-{lowest:08d}"  # what the evaluation apps take
+    record = json.loads((whole / "best" / "best.json").read_text())
+    assert record == {"step": lowest, "val_loss": measured[lowest], "validation": {"split": "val", "max_samples": 4}}
+    assert f"the lowest validation loss, {measured[lowest]:.4f}, was at step {lowest}" in output
+
+    killed = tmp_path / "killed"
+    train(killed, demo_root, *common, f"fault.exit_after_step={lowest + 1}", expect=FAULT_EXIT_CODE)
+    output = train(killed, demo_root, *common, "resume=auto")
+    assert f"step-{lowest:08d} at step {lowest}" in output
+    assert os.readlink(killed / "best") == f"best_steps/step-{lowest:08d}"
+    assert json.loads((killed / "best" / "best.json").read_text()) == record
+    assert_same_trainables(trainables(killed, "best/trainables"), trainables(whole, "best/trainables"))

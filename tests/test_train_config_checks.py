@@ -56,6 +56,7 @@ def test_an_unknown_preset_is_refused_by_name():
         (["validation.every_steps=-2"], "validation.every_steps must be an integer >= 0"),
         (["validation.max_samples=0"], "validation.max_samples must be a positive integer or null"),
         (["validation.micro_batch_size=1.5"], "validation.micro_batch_size must be a positive integer or null"),
+        (["validation.keep_best=1"], "validation.keep_best must be true or false"),
         (["fault.signal_after_step=1", "fault.signal_to=launcher"], "fault.signal_to=launcher signals torchrun"),
     ],
 )

@@ -48,7 +48,7 @@ def config_fingerprint(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _no_barrier() -> None:
+def no_barrier() -> None:
     return None
 
 
@@ -63,7 +63,7 @@ class CheckpointManager:
         run_dir: str | os.PathLike,
         keep_last: int = 2,
         rank: int = 0,
-        barrier: Callable[[], None] = _no_barrier,
+        barrier: Callable[[], None] = no_barrier,
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {keep_last}")

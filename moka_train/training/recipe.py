@@ -7,7 +7,8 @@
 3. plan the data order (``BatchPlan``), the optimizer over the trainable parameters and our schedule;
 4. resume when asked; then step: every micro-batch's loss is divided by the step's global label count;
 5. checkpoint (atomic, last K) and, at the end, the trainables for evaluation in ``<run_dir>/trainables``; a stop
-   signal (preemption, Ctrl-C, SLURM's time-limit warning) ends the run after the current step with a checkpoint.
+   signal (preemption, Ctrl-C, SLURM's time-limit warning) ends the run after the current step with a checkpoint;
+   with a validation split, the trainables of its lowest loss so far are kept in ``<run_dir>/best``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from moka_train.models.build import build_multimodal_lm
 from moka_train.models.mllm import MultimodalLM, count_label_tokens, encode_media
 from moka_train.models.trainables import PARTS, load_trainables, save_trainables
 from moka_train.training.batch_plan import BatchPlan, PlanSampler
+from moka_train.training.best import BestTrainables
 from moka_train.training.checkpoints import (
     CheckpointManager,
     checkpoint_meta,
@@ -168,6 +170,8 @@ def check_validation_config(cfg: DictConfig) -> None:
         value = validation[key]
         if value is not None and (not _integer(value) or value < 1):
             raise ValueError(f"validation.{key} must be a positive integer or null, got {value!r}")
+    if not isinstance(validation.keep_best, bool):
+        raise ValueError(f"validation.keep_best must be true or false, got {validation.keep_best!r}")
 
 
 def init_entries(init_from: Any) -> list[dict[str, Any]]:
@@ -464,12 +468,19 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
     logger.info("data: %s; %d optimizer steps", plan.describe(), total_steps)
     engine = build_engine(cfg, model, plan, total_steps, ctx)
 
-    start_step = 0
+    start_step, resumed = 0, {}
     if checkpoint is not None:
         engine.load_state(checkpoint / "state", checkpoint / "trainables")
         load_rng(checkpoint, ctx.rank)
-        start_step = int(read_meta(checkpoint)["step"])
+        resumed = read_meta(checkpoint)
+        start_step = int(resumed["step"])
         logger.info("resumed from %s at step %d", checkpoint, start_step)
+    best = None
+    if data.validation is not None and cfg.validation.keep_best:
+        settings = {"split": cfg.validation.split, "max_samples": cfg.validation.max_samples}
+        best = BestTrainables(run_dir, settings, resumed.get("best"), ctx.rank, ctx.barrier)
+        if checkpoint is None:
+            best.clear()
 
     def save(step: int) -> Path:
         def write(directory: Path) -> None:
@@ -481,10 +492,19 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
             save_rng(directory, ctx.rank)
 
         epoch, in_epoch = divmod(step, plan.steps_per_epoch)
-        meta = checkpoint_meta(resume_config, epoch=epoch, step_in_epoch=in_epoch, data_seed=plan.seed)
+        meta = checkpoint_meta(
+            resume_config,
+            epoch=epoch,
+            step_in_epoch=in_epoch,
+            data_seed=plan.seed,
+            best=None if best is None else best.record,
+        )
         path = manager.save(step, meta, write)
         logger.info("saved %s", path)
         return path
+
+    def write_best(directory: Path) -> None:
+        save_trainables(engine.module, directory / "trainables")
 
     sampler = PlanSampler(plan, ctx.rank, cfg.stage.epochs, start_step, cfg.stage.max_steps)
     stop = StopSignals(cfg.stop_signals)
@@ -580,12 +600,14 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
                     val_batches = loader(data.validation, held_out)
                     metrics["val_loss"], label_tokens = validation_loss(engine, val_batches, encoders)
                     metrics["val_time"] = time.monotonic() - validation_started
+                    kept = best is not None and best.offer(step, metrics["val_loss"], write_best)
                     logger.info(
-                        "step %d: validation loss %.4f (%d answer tokens, %.1f s)",
+                        "step %d: validation loss %.4f (%d answer tokens, %.1f s)%s",
                         step,
                         metrics["val_loss"],
                         label_tokens,
                         metrics["val_time"],
+                        f", the lowest so far: trainables kept in {best.link}" if kept else "",
                     )
                 run_log.log(step, metrics)
                 if cfg.fault.exit_after_step == step:
@@ -616,4 +638,11 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
         ctx.barrier()
         raise stopped
     logger.info("trainables for evaluation: %s", run_dir / "trainables")
+    if best is not None and best.record is not None:
+        logger.info(
+            "the lowest validation loss, %.4f, was at step %d: its trainables are in %s",
+            best.record["val_loss"],
+            best.record["step"],
+            best.link,
+        )
     return run_dir

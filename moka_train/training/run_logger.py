@@ -428,8 +428,8 @@ def _trailing_mean(values: Sequence[float], window: int) -> list[float]:
 
 
 def write_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike, title: str | None = None) -> bool:
-    """Loss against step (raw and a trailing mean), the validation loss where there is one (``val_loss``),
-    learning rate on a twin axis, as a PNG. Drawn with
+    """Loss against step (raw and a trailing mean), the validation loss where there is one (``val_loss``, its
+    lowest starred), learning rate on a twin axis, as a PNG. Drawn with
     matplotlib's Agg canvas directly, not pyplot, so no global backend is switched and no display is needed.
 
     Returns False (after a warning) when there is nothing to draw or matplotlib is not installed."""
@@ -463,6 +463,18 @@ def write_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLik
             linewidth=1.5,
             label="validation loss",
         )
+        finite = [r for r in validated if math.isfinite(float(r["val_loss"]))]
+        if finite:  # the step whose trainables validation.keep_best keeps
+            lowest = min(finite, key=lambda r: float(r["val_loss"]))
+            axis.plot(
+                [lowest["step"]],
+                [float(lowest["val_loss"])],
+                color="tab:green",
+                marker="*",
+                markersize=14,
+                linestyle="none",
+                label=f"lowest validation loss: {float(lowest['val_loss']):.4g} (step {lowest['step']})",
+            )
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.grid(alpha=0.3)

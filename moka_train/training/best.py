@@ -1,0 +1,137 @@
+"""The best trainables by validation loss (``validation.keep_best``), kept beside the last ones:
+
+    <run_dir>/best -> best_steps/step-00000040     a relative symlink, the stable path to use
+    <run_dir>/best_steps/step-00000040/
+        trainables/    as <run_dir>/trainables (those of the last step)
+        config.yaml    the run's: the folder is a run directory to every tool (evaluate.py run_dir=<run_dir>/best)
+        best.json      step, val_loss, the validation split and sample count; written last
+    <run_dir>/best_steps/.staging-step-00000060/   a save in progress: never read, removed by the next save
+
+A validation whose loss is lower than the best so far saves the trainables into a staging directory, renames
+it into place, then points ``best`` at it in one rename of a new symlink, and only then removes the previous
+best. A kill at any moment leaves ``best`` pointing at a complete directory.
+
+The best so far travels in each checkpoint's meta, so a resumed run compares with what the run had seen at
+that step (exactly as the uninterrupted run would), and starts afresh when the validation settings changed on
+resume (losses over other samples do not compare).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from moka_train.checkpoint_io import write_atomic
+from moka_train.training.checkpoints import STAGING_PREFIX, no_barrier, step_name
+
+logger = logging.getLogger(__name__)
+
+LINK_NAME = "best"
+STEPS_DIR = "best_steps"
+RECORD_NAME = "best.json"
+CONFIG_NAME = "config.yaml"  # the run's resolved config, which the recipe writes into run_dir at its start
+
+
+class BestTrainables:
+    """Tracks the lowest validation loss of a run and keeps the trainables it was measured on.
+
+    ``settings``: what the loss was measured over (split, sample count); a ``previous`` record (from a resumed
+    checkpoint's meta) measured over other settings is dropped. In a distributed run every rank calls
+    ``offer`` with the same (all-reduced) loss: ``write`` may be a collective (ZeRO-3 gathers to save)."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        settings: Mapping[str, Any],
+        previous: Mapping[str, Any] | None = None,
+        rank: int = 0,
+        barrier: Callable[[], None] = no_barrier,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.settings = dict(settings)
+        self.rank = rank
+        self.barrier = barrier
+        self.record: dict[str, Any] | None = None
+        if previous is not None:
+            if dict(previous["validation"]) == self.settings:
+                self.record = dict(previous)
+            else:
+                logger.warning(
+                    "validation settings changed on resume (%s -> %s): the best validation loss so far (%s at step "
+                    "%d) does not compare, so the best trainables are chosen afresh",
+                    previous["validation"],
+                    self.settings,
+                    previous["val_loss"],
+                    previous["step"],
+                )
+
+    @property
+    def link(self) -> Path:
+        return self.run_dir / LINK_NAME
+
+    @property
+    def directory(self) -> Path:
+        return self.run_dir / STEPS_DIR
+
+    def improves(self, val_loss: float) -> bool:
+        """Strictly lower than the best so far (a NaN loss, from a split with no answer token, never is)."""
+        if math.isnan(val_loss):
+            return False
+        return self.record is None or val_loss < self.record["val_loss"]
+
+    def clear(self) -> None:
+        """A fresh run in this directory: forget what an earlier run left as best (rank 0 removes it)."""
+        self.record = None
+        if self.rank == 0:
+            if self.link.is_symlink() or self.link.exists():
+                logger.info("removing %s of an earlier run in this directory", self.link)
+                self.link.unlink()
+            shutil.rmtree(self.directory, ignore_errors=True)
+        self.barrier()
+
+    def offer(self, step: int, val_loss: float, write: Callable[[Path], None]) -> bool:
+        """Keep the trainables of ``step`` if ``val_loss`` improves on the best so far; returns whether it did.
+        ``write(directory)`` runs on every rank and writes them into ``directory / "trainables"``."""
+        if not self.improves(val_loss):
+            return False
+        record = {"step": step, "val_loss": val_loss, "validation": self.settings}
+        final = self.directory / step_name(step)
+        staging = self.directory / f"{STAGING_PREFIX}{step_name(step)}"
+        if self.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob(f"{STAGING_PREFIX}*"):
+                shutil.rmtree(stale)
+            staging.mkdir()
+        self.barrier()
+        write(staging)
+        self.barrier()
+        if self.rank == 0:
+            if (self.run_dir / CONFIG_NAME).is_file():
+                shutil.copyfile(self.run_dir / CONFIG_NAME, staging / CONFIG_NAME)
+            text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+            write_atomic(staging / RECORD_NAME, lambda tmp: Path(tmp).write_text(text))
+            if final.exists():  # the same step again: a resumed run re-reaching it
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            _point(self.link, final)
+            for other in self.directory.iterdir():
+                if other != final:
+                    shutil.rmtree(other)
+        self.barrier()
+        self.record = record
+        return True
+
+
+def _point(link: Path, target: Path) -> None:
+    """Make ``link`` a relative symlink to ``target`` in one rename (never absent, never half-made)."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)

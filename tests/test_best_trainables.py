@@ -1,0 +1,100 @@
+"""validation.keep_best: the lowest validation loss's trainables kept under a stable path, swapped atomically.
+The runs that use it (and their resume) are in tests/test_train_app.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from moka_train.training.best import BestTrainables
+
+SETTINGS = {"split": "val", "max_samples": None}
+
+
+def writer(tag: str):
+    """A stand-in for save_trainables: one file whose text says which offer wrote it."""
+
+    def write(directory: Path) -> None:
+        (directory / "trainables").mkdir()
+        (directory / "trainables" / "weights.txt").write_text(tag)
+
+    return write
+
+
+def kept(best: BestTrainables) -> tuple[str, str, dict]:
+    """Where ``best`` points (relative), what its trainables hold, and its record."""
+    target = os.readlink(best.link)
+    weights = (best.link / "trainables" / "weights.txt").read_text()
+    return target, weights, json.loads((best.link / "best.json").read_text())
+
+
+def test_only_a_strictly_lower_loss_replaces_the_best(tmp_path: Path):
+    (tmp_path / "config.yaml").write_text("seed: 42\n")
+    best = BestTrainables(tmp_path, SETTINGS)
+    offers = [(2, 3.0), (4, 2.0), (6, 2.5), (8, 2.0), (10, 1.0), (12, math.nan)]
+    taken = [best.offer(step, loss, writer(f"step {step}")) for step, loss in offers]
+    assert taken == [True, True, False, False, True, False]
+    target, weights, record = kept(best)
+    assert target == "best_steps/step-00000010"  # relative: the run directory can be moved
+    assert weights == "step 10"
+    assert record == {"step": 10, "val_loss": 1.0, "validation": SETTINGS}
+    assert best.record == record
+    assert (best.link / "config.yaml").read_text() == "seed: 42\n"  # a run directory for evaluate.py and the rest
+    assert [p.name for p in best.directory.iterdir()] == ["step-00000010"]  # the earlier bests are gone
+
+
+def test_a_save_that_dies_half_way_leaves_the_previous_best(tmp_path: Path):
+    best = BestTrainables(tmp_path, SETTINGS)
+    best.offer(2, 3.0, writer("step 2"))
+
+    def dies(directory: Path) -> None:
+        (directory / "trainables").mkdir()
+        raise KeyboardInterrupt  # as a kill would stop it
+
+    with pytest.raises(KeyboardInterrupt):
+        best.offer(4, 2.0, dies)
+    assert kept(best)[:2] == ("best_steps/step-00000002", "step 2")
+    assert sorted(p.name for p in best.directory.iterdir()) == [".staging-step-00000004", "step-00000002"]
+    # A new process (a resumed run) with the record of the last checkpoint: the torn save is cleared by the next one.
+    resumed = BestTrainables(tmp_path, SETTINGS, previous=best.record)
+    assert not resumed.offer(4, 3.5, writer("step 4"))
+    assert resumed.offer(4, 2.0, writer("step 4"))
+    assert kept(resumed)[:2] == ("best_steps/step-00000004", "step 4")
+    assert [p.name for p in resumed.directory.iterdir()] == ["step-00000004"]
+
+
+def test_a_resumed_run_re_reaching_a_step_replaces_what_the_killed_run_kept_there(tmp_path: Path):
+    """The killed run kept step 6 after its last checkpoint (step 4, best then: step 2); the resumed run compares
+    with step 2's loss and writes step 6 again."""
+    killed = BestTrainables(tmp_path, SETTINGS)
+    killed.offer(2, 3.0, writer("killed 2"))
+    at_checkpoint = killed.record
+    killed.offer(6, 1.0, writer("killed 6"))
+    resumed = BestTrainables(tmp_path, SETTINGS, previous=at_checkpoint)
+    assert resumed.offer(6, 1.0, writer("resumed 6"))
+    assert kept(resumed)[1] == "resumed 6"
+
+
+def test_other_validation_settings_on_resume_start_the_best_afresh(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    previous = {"step": 2, "val_loss": 0.5, "validation": {"split": "val", "max_samples": 5}}
+    same = BestTrainables(tmp_path, {"split": "val", "max_samples": 5}, previous=previous)
+    assert not same.improves(0.7) and same.improves(0.4)
+    with caplog.at_level(logging.WARNING, logger="moka_train.training.best"):
+        other = BestTrainables(tmp_path, SETTINGS, previous=previous)
+    assert "validation settings changed on resume" in caplog.text
+    assert other.record is None and other.offer(4, 0.7, writer("step 4"))
+
+
+def test_clear_removes_an_earlier_runs_best(tmp_path: Path):
+    earlier = BestTrainables(tmp_path, SETTINGS)
+    earlier.offer(2, 1.0, writer("step 2"))
+    fresh = BestTrainables(tmp_path, SETTINGS)
+    fresh.clear()
+    assert not os.path.lexists(tmp_path / "best") and not (tmp_path / "best_steps").exists()
+    assert fresh.offer(2, 5.0, writer("fresh"))  # no record to beat
+    fresh.clear()  # nothing left to clear: no error
