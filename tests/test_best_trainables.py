@@ -61,7 +61,7 @@ def test_a_save_that_dies_half_way_leaves_the_previous_best(tmp_path: Path):
     assert kept(best)[:2] == ("best_steps/step-00000002", "step 2")
     assert sorted(p.name for p in best.directory.iterdir()) == [".staging-step-00000004", "step-00000002"]
     # A new process (a resumed run) with the record of the last checkpoint: the torn save is cleared by the next one.
-    resumed = BestTrainables(tmp_path, SETTINGS, previous=best.record)
+    resumed = BestTrainables(tmp_path, SETTINGS, previous=best.state())
     assert not resumed.offer(4, 3.5, writer("step 4"))
     assert resumed.offer(4, 2.0, writer("step 4"))
     assert kept(resumed)[:2] == ("best_steps/step-00000004", "step 4")
@@ -73,21 +73,36 @@ def test_a_resumed_run_re_reaching_a_step_replaces_what_the_killed_run_kept_ther
     with step 2's loss and writes step 6 again."""
     killed = BestTrainables(tmp_path, SETTINGS)
     killed.offer(2, 3.0, writer("killed 2"))
-    at_checkpoint = killed.record
+    at_checkpoint = killed.state()
     killed.offer(6, 1.0, writer("killed 6"))
     resumed = BestTrainables(tmp_path, SETTINGS, previous=at_checkpoint)
     assert resumed.offer(6, 1.0, writer("resumed 6"))
-    assert kept(resumed)[1] == "resumed 6"
+    # Under another name: best pointed at the killed run's step 6 until the new one was complete.
+    assert kept(resumed)[:2] == ("best_steps/step-00000006.1", "resumed 6")
+    assert [p.name for p in resumed.directory.iterdir()] == ["step-00000006.1"]
 
 
 def test_other_validation_settings_on_resume_start_the_best_afresh(tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    previous = {"step": 2, "val_loss": 0.5, "validation": {"split": "val", "max_samples": 5}}
+    record = {"step": 2, "val_loss": 0.5, "validation": {"split": "val", "max_samples": 5}}
+    previous = {"record": record, "stale": 3}
     same = BestTrainables(tmp_path, {"split": "val", "max_samples": 5}, previous=previous)
-    assert not same.improves(0.7) and same.improves(0.4)
+    assert same.state() == previous and not same.improves(0.7) and same.improves(0.4)
     with caplog.at_level(logging.WARNING, logger="moka_train.training.best"):
         other = BestTrainables(tmp_path, SETTINGS, previous=previous)
     assert "validation settings changed on resume" in caplog.text
-    assert other.record is None and other.offer(4, 0.7, writer("step 4"))
+    assert other.state() == {"record": None, "stale": 0} and other.offer(4, 0.7, writer("step 4"))
+
+
+def test_stale_counts_the_validations_since_the_best(tmp_path: Path):
+    best = BestTrainables(tmp_path, SETTINGS)
+    counts = []
+    for step, loss in enumerate([3.0, 3.0, 4.0, 2.0, math.nan, 2.5], start=1):
+        best.offer(step, loss, writer(f"step {step}"))
+        counts.append(best.stale)
+    assert counts == [0, 1, 2, 0, 1, 2]
+    resumed = BestTrainables(tmp_path, SETTINGS, previous=best.state())
+    resumed.offer(7, 2.0, writer("step 7"))  # equal is not lower
+    assert resumed.stale == 3 and resumed.record["step"] == 4
 
 
 def test_clear_removes_an_earlier_runs_best(tmp_path: Path):

@@ -490,15 +490,26 @@ def test_the_slurm_script_stops_at_the_time_limit_warning_and_requeues(demo_root
     assert [row["step"] for row in read_metrics(metrics)][-1] == 8 and (run_dir / "trainables").is_dir()
 
 
-def test_the_lowest_validation_loss_keeps_its_trainables_through_a_kill_and_resume(demo_root: Path, tmp_path: Path):
+# A rate that overshoots: the validation loss (after every step) is lowest between the first and the last step.
+OVERSHOOTING = (*SIX_STEPS, "stage.lr=0.1", "checkpoint.every_steps=1", "checkpoint.keep_last=6",
+                "validation.split=val", "validation.every_steps=1", "validation.max_samples=4")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def overshooting(tmp_path_factory: pytest.TempPathFactory, demo_root: Path) -> tuple[Path, str]:
+    """The uninterrupted run, every step's checkpoint kept, and its output."""
+    run_dir = tmp_path_factory.mktemp("overshooting") / "run"
+    return run_dir, train(run_dir, demo_root, *OVERSHOOTING)
+
+
+def test_the_lowest_validation_loss_keeps_its_trainables_through_a_kill_and_resume(
+    overshooting: tuple[Path, str], demo_root: Path, tmp_path: Path
+):
     """validation.keep_best (on by default): <run_dir>/best holds the trainables of the step with the lowest
-    val_loss, here not the last step (a high rate overshoots), equal to that step's checkpoint. A run killed after
-    the next step and resumed from the best step's checkpoint keeps the same step, weights and record: the resumed
-    run compares its validation losses with the best so far that the checkpoint recorded."""
-    common = (*SIX_STEPS, "stage.lr=0.1", "checkpoint.every_steps=1", "checkpoint.keep_last=6",
-              "validation.split=val", "validation.every_steps=1", "validation.max_samples=4")  # fmt: skip
-    whole = tmp_path / "whole"
-    output = train(whole, demo_root, *common)
+    val_loss, here not the last step, equal to that step's checkpoint. A run killed after the next step and
+    resumed from the best step's checkpoint keeps the same step, weights and record: the resumed run compares its
+    validation losses with the best so far that the checkpoint recorded."""
+    whole, output = overshooting
     measured = validation_losses(whole)
     lowest = min(measured, key=measured.get)
     assert 1 < lowest < 6, f"this test needs the lowest validation loss between the first and last steps: {measured}"
@@ -512,9 +523,48 @@ def test_the_lowest_validation_loss_keeps_its_trainables_through_a_kill_and_resu
     assert f"the lowest validation loss, {measured[lowest]:.4f}, was at step {lowest}" in output
 
     killed = tmp_path / "killed"
-    train(killed, demo_root, *common, f"fault.exit_after_step={lowest + 1}", expect=FAULT_EXIT_CODE)
-    output = train(killed, demo_root, *common, "resume=auto")
+    train(killed, demo_root, *OVERSHOOTING, f"fault.exit_after_step={lowest + 1}", expect=FAULT_EXIT_CODE)
+    output = train(killed, demo_root, *OVERSHOOTING, "resume=auto")
     assert f"step-{lowest:08d} at step {lowest}" in output
     assert os.readlink(killed / "best") == f"best_steps/step-{lowest:08d}"
     assert json.loads((killed / "best" / "best.json").read_text()) == record
     assert_same_trainables(trainables(killed, "best/trainables"), trainables(whole, "best/trainables"))
+
+
+def patience_runs_out(val_losses: dict[int, float], patience: int) -> int | None:
+    """The step after which ``patience`` validations in a row have had no loss below the lowest before them."""
+    lowest, since = math.inf, 0
+    for step, loss in sorted(val_losses.items()):
+        lowest, since = (loss, 0) if loss < lowest else (lowest, since + 1)
+        if since == patience:
+            return step
+    return None
+
+
+def test_patience_stops_early_stays_stopped_and_a_null_patience_goes_on(
+    overshooting: tuple[Path, str], demo_root: Path, tmp_path: Path
+):
+    """validation.patience=2 ends the run after the second validation in a row without a lower loss (computed
+    here from the uninterrupted run's losses), with that step's checkpoint and trainables; resumed with the same
+    patience it trains nothing; resumed with patience null it goes on to the uninterrupted run's end."""
+    whole, _ = overshooting
+    measured = validation_losses(whole)
+    stop = patience_runs_out(measured, 2)
+    assert stop is not None and stop < 6, f"this test needs a run that runs out of patience: {measured}"
+    early = tmp_path / "early"
+    output = train(early, demo_root, *OVERSHOOTING, "validation.patience=2")
+    assert f"early stop after step {stop} of 6" in output
+    assert list(validation_losses(early)) == list(range(1, stop + 1))
+    assert_same_trainables(trainables(early), trainables(whole, f"checkpoints/step-{stop:08d}/trainables"))
+    assert (early / f"checkpoints/step-{stop:08d}").is_dir()
+    lowest_so_far = min(range(1, stop + 1), key=measured.get)
+    assert os.readlink(early / "best") == f"best_steps/step-{lowest_so_far:08d}"
+
+    output = train(early, demo_root, *OVERSHOOTING, "validation.patience=2", "resume=auto")
+    assert f"the run stopped early at step {stop}" in output and "nothing to train" in output
+    assert list(validation_losses(early)) == list(range(1, stop + 1))
+
+    train(early, demo_root, *OVERSHOOTING, "resume=auto")  # patience null: every planned step
+    assert list(validation_losses(early)) == list(range(1, 7))
+    assert_same_trainables(trainables(early), trainables(whole))
+    assert os.readlink(early / "best") == os.readlink(whole / "best")

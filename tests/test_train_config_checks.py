@@ -57,6 +57,13 @@ def test_an_unknown_preset_is_refused_by_name():
         (["validation.max_samples=0"], "validation.max_samples must be a positive integer or null"),
         (["validation.micro_batch_size=1.5"], "validation.micro_batch_size must be a positive integer or null"),
         (["validation.keep_best=1"], "validation.keep_best must be true or false"),
+        (["validation.patience=0"], "validation.patience must be a positive integer or null"),
+        (["validation.patience=2"], "validation.patience .* needs validation.split, validation.every_steps > 0"),
+        (["validation.split=val", "validation.patience=2"], r"got split=val, every_steps=0, keep_best=True"),
+        (
+            ["validation.split=val", "validation.every_steps=5", "validation.keep_best=false", "validation.patience=2"],
+            "got split=val, every_steps=5, keep_best=False",
+        ),
         (["fault.signal_after_step=1", "fault.signal_to=launcher"], "fault.signal_to=launcher signals torchrun"),
     ],
 )

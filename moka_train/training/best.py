@@ -9,7 +9,8 @@
 
 A validation whose loss is lower than the best so far saves the trainables into a staging directory, renames
 it into place, then points ``best`` at it in one rename of a new symlink, and only then removes the previous
-best. A kill at any moment leaves ``best`` pointing at a complete directory.
+best. A kill at any moment leaves ``best`` pointing at a complete directory (a resumed run that reaches again
+the step ``best`` points at writes ``step-N.1`` rather than replace what the link still names).
 
 The best so far travels in each checkpoint's meta, so a resumed run compares with what the run had seen at
 that step (exactly as the uninterrupted run would), and starts afresh when the validation settings changed on
@@ -18,6 +19,7 @@ resume (losses over other samples do not compare).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -39,11 +41,12 @@ CONFIG_NAME = "config.yaml"  # the run's resolved config, which the recipe write
 
 
 class BestTrainables:
-    """Tracks the lowest validation loss of a run and keeps the trainables it was measured on.
+    """Tracks the lowest validation loss of a run, keeps the trainables it was measured on, and counts the
+    validations since (``stale``: what ``validation.patience`` stops on).
 
-    ``settings``: what the loss was measured over (split, sample count); a ``previous`` record (from a resumed
-    checkpoint's meta) measured over other settings is dropped. In a distributed run every rank calls
-    ``offer`` with the same (all-reduced) loss: ``write`` may be a collective (ZeRO-3 gathers to save)."""
+    ``settings``: what the loss was measured over (split, sample count); a ``previous`` state (``state()`` as a
+    resumed checkpoint's meta recorded it) measured over other settings is dropped. In a distributed run every rank
+    calls ``offer`` with the same (all-reduced) loss: ``write`` may be a collective (ZeRO-3 gathers to save)."""
 
     def __init__(
         self,
@@ -58,18 +61,23 @@ class BestTrainables:
         self.rank = rank
         self.barrier = barrier
         self.record: dict[str, Any] | None = None
-        if previous is not None:
-            if dict(previous["validation"]) == self.settings:
-                self.record = dict(previous)
-            else:
-                logger.warning(
-                    "validation settings changed on resume (%s -> %s): the best validation loss so far (%s at step "
-                    "%d) does not compare, so the best trainables are chosen afresh",
-                    previous["validation"],
-                    self.settings,
-                    previous["val_loss"],
-                    previous["step"],
-                )
+        self.stale = 0
+        record = None if previous is None else previous["record"]
+        if record is not None and dict(record["validation"]) != self.settings:
+            logger.warning(
+                "validation settings changed on resume (%s -> %s): the best validation loss so far (%s at step %d) "
+                "does not compare, so the best trainables are chosen afresh",
+                record["validation"],
+                self.settings,
+                record["val_loss"],
+                record["step"],
+            )
+        elif previous is not None:
+            self.record, self.stale = (None if record is None else dict(record)), int(previous["stale"])
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint records, for ``previous`` on resume."""
+        return {"record": self.record, "stale": self.stale}
 
     @property
     def link(self) -> Path:
@@ -87,7 +95,7 @@ class BestTrainables:
 
     def clear(self) -> None:
         """A fresh run in this directory: forget what an earlier run left as best (rank 0 removes it)."""
-        self.record = None
+        self.record, self.stale = None, 0
         if self.rank == 0:
             if self.link.is_symlink() or self.link.exists():
                 logger.info("removing %s of an earlier run in this directory", self.link)
@@ -99,9 +107,9 @@ class BestTrainables:
         """Keep the trainables of ``step`` if ``val_loss`` improves on the best so far; returns whether it did.
         ``write(directory)`` runs on every rank and writes them into ``directory / "trainables"``."""
         if not self.improves(val_loss):
+            self.stale += 1
             return False
         record = {"step": step, "val_loss": val_loss, "validation": self.settings}
-        final = self.directory / step_name(step)
         staging = self.directory / f"{STAGING_PREFIX}{step_name(step)}"
         if self.rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -116,15 +124,18 @@ class BestTrainables:
                 shutil.copyfile(self.run_dir / CONFIG_NAME, staging / CONFIG_NAME)
             text = json.dumps(record, indent=2, sort_keys=True) + "\n"
             write_atomic(staging / RECORD_NAME, lambda tmp: Path(tmp).write_text(text))
-            if final.exists():  # the same step again: a resumed run re-reaching it
-                shutil.rmtree(final)
+            final = self.directory / step_name(step)
+            # The same step again (a resumed run re-reaching it) while ``best`` may point at it: another name.
+            copies = itertools.count(1)
+            while final.exists():
+                final = self.directory / f"{step_name(step)}.{next(copies)}"
             os.replace(staging, final)
             _point(self.link, final)
             for other in self.directory.iterdir():
                 if other != final:
                     shutil.rmtree(other)
         self.barrier()
-        self.record = record
+        self.record, self.stale = record, 0
         return True
 
 

@@ -172,6 +172,16 @@ def check_validation_config(cfg: DictConfig) -> None:
             raise ValueError(f"validation.{key} must be a positive integer or null, got {value!r}")
     if not isinstance(validation.keep_best, bool):
         raise ValueError(f"validation.keep_best must be true or false, got {validation.keep_best!r}")
+    patience = validation.patience
+    if patience is not None:
+        if not _integer(patience) or patience < 1:
+            raise ValueError(f"validation.patience must be a positive integer or null, got {patience!r}")
+        if split is None or every == 0 or not validation.keep_best:
+            raise ValueError(
+                "validation.patience stops after validations without a lower loss: it needs validation.split, "
+                f"validation.every_steps > 0 and validation.keep_best=true (got split={split}, every_steps={every}, "
+                f"keep_best={validation.keep_best})"
+            )
 
 
 def init_entries(init_from: Any) -> list[dict[str, Any]]:
@@ -481,6 +491,17 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
         best = BestTrainables(run_dir, settings, resumed.get("best"), ctx.rank, ctx.barrier)
         if checkpoint is None:
             best.clear()
+    patience = cfg.validation.patience
+    last_step = total_steps
+    if best is not None and patience is not None and best.stale >= patience:
+        logger.info(
+            "the run stopped early at step %d (%d validations without a lower loss, validation.patience=%d): nothing "
+            "to train; resume with a larger validation.patience, or null, to go on",
+            start_step,
+            best.stale,
+            patience,
+        )
+        last_step = start_step
 
     def save(step: int) -> Path:
         def write(directory: Path) -> None:
@@ -497,7 +518,7 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
             epoch=epoch,
             step_in_epoch=in_epoch,
             data_seed=plan.seed,
-            best=None if best is None else best.record,
+            best=None if best is None else best.state(),
         )
         path = manager.save(step, meta, write)
         logger.info("saved %s", path)
@@ -549,7 +570,7 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
     failed, dropped_in_run, stopped = True, 0, None
     try:
         with stop, logging_redirect_tqdm(loggers=[logging.getLogger()]):  # log lines above the bar
-            for step in range(start_step + 1, total_steps + 1):
+            for step in range(start_step + 1, last_step + 1):
                 started, lr = time.monotonic(), engine.lr()  # the rate this step uses
                 micro_batches = [
                     encode_media(encoders, batch_to_device(next(batches), engine.device))
@@ -595,12 +616,14 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
                     metrics["dropped_samples"] = totals[2].item()
                     dropped_in_run += int(totals[2].item())
                 stopping = totals[3].item() > 0 and step < total_steps  # at the last step the run just ends
+                early = False  # validation.patience ran out
                 if data.validation is not None and not stopping and due(step, cfg.validation.every_steps, total_steps):
                     validation_started = time.monotonic()
                     val_batches = loader(data.validation, held_out)
                     metrics["val_loss"], label_tokens = validation_loss(engine, val_batches, encoders)
                     metrics["val_time"] = time.monotonic() - validation_started
                     kept = best is not None and best.offer(step, metrics["val_loss"], write_best)
+                    early = patience is not None and best.stale >= patience and step < total_steps
                     logger.info(
                         "step %d: validation loss %.4f (%d answer tokens, %.1f s)%s",
                         step,
@@ -613,10 +636,20 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
                 if cfg.fault.exit_after_step == step:
                     logger.warning("fault injection: exiting after step %d", step)
                     os._exit(FAULT_EXIT_CODE)
-                if due(step, cfg.checkpoint.every_steps, total_steps) or stopping:
+                if due(step, cfg.checkpoint.every_steps, total_steps) or stopping or early:
                     path = save(step)
                 if stopping:
                     stopped = RunStoppedError(stop.received, step, path)
+                    break
+                if early:
+                    logger.info(
+                        "early stop after step %d of %d: no lower validation loss in %d validations "
+                        "(validation.patience=%d)",
+                        step,
+                        total_steps,
+                        best.stale,
+                        patience,
+                    )
                     break
         if stopped is None:
             save_trainables(engine.module, run_dir / "trainables")
