@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -34,7 +35,7 @@ from moka_train.evaluation.runner import check_run_dir
 from moka_train.models.build import build_multimodal_lm
 from moka_train.models.mllm import encode_media
 from moka_train.models.trainables import load_trainables, trainables_state_dict
-from moka_train.training.recipe import FAULT_EXIT_CODE, build_data_and_model
+from moka_train.training.recipe import FAULT_EXIT_CODE, build_data_and_model, build_records
 from moka_train.training.run_logger import read_metrics
 from tests.launch import ROOT, describe, environment, free_port, run, torchrun
 from tests.test_demo_data import demo
@@ -372,6 +373,31 @@ def test_a_media_error_in_a_loader_worker_ends_the_run_naming_the_file(demo_root
     cmd = command(tmp_path / "run", root, "deepspeed=none", "loader.num_workers=1")
     returncode, output = run(cmd, timeout=90)  # ~9 s; it used to hang until killed
     assert returncode == 1 and str(video) in output, describe(cmd, returncode, output)
+
+
+def test_probe_media_finds_an_unreadable_video_before_training(demo_root: Path, tmp_path: Path):
+    """probe_media=true decodes every file before training: a corrupt video is an error naming it, or with
+    data.builder.on_missing=skip its questions are left out and counted, as a missing file's would be."""
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    questions = json.loads((root / "json_update" / "avqa-train.json").read_text())
+    broken = questions[0]["video_id"]
+    video = root / "MUSIC-AVQA-Videos" / f"{broken}.mp4"
+    video.write_bytes(b"not a video")
+    on_it = sum(q["video_id"] == broken for q in questions)
+
+    def records(*overrides: str) -> list:
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose(
+                "train", overrides=["adapter=moka", f"data.builder.root={root}", "probe_media=true", *overrides]
+            )
+        return build_records(cfg)
+
+    with pytest.raises(FileNotFoundError, match=f"probe_media: record .* cannot read {video}"):
+        records()
+    with pytest.warns(UserWarning, match=f"probe_media: skipped {on_it} of {len(questions)} records"):
+        kept = records("data.builder.on_missing=skip")
+    assert len(kept) == len(questions) - on_it
 
 
 # Step 2's last micro-batch on rank 0 is made NaN, after the step's earlier micro-batches were back-propagated.

@@ -260,7 +260,11 @@ def build_records(cfg: DictConfig, split: str | None = None) -> list[Record]:
         where = "data.builder" if split is None else f"data.builder with validation.split={split}"
         raise ValueError(f"{where} ({builder._target_}) gave no records")
     if cfg.probe_media:
-        records = check_media(records, "error", source="probe_media", probe=True)
+        # The builder's own choice for a missing file holds for an unreadable one: skip leaves it out (counted).
+        on_missing = builder.get("on_missing", "error")
+        records = check_media(records, on_missing, source="probe_media", probe=True)
+        if not records:
+            raise ValueError(f"probe_media: no record of data.builder ({builder._target_}) has readable media")
     return records
 
 
