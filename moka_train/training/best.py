@@ -113,8 +113,8 @@ class BestTrainables:
         staging = self.directory / f"{STAGING_PREFIX}{step_name(step)}"
         if self.rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in self.directory.glob(f"{STAGING_PREFIX}*"):
-                shutil.rmtree(stale)
+            for torn in self.directory.glob(f"{STAGING_PREFIX}*"):  # saves killed half-way
+                shutil.rmtree(torn)
             staging.mkdir()
         self.barrier()
         write(staging)
