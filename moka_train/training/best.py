@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from moka_train.checkpoint_io import write_atomic
-from moka_train.training.checkpoints import STAGING_PREFIX, no_barrier, step_name
+from moka_train.training.checkpoints import no_barrier, step_name, write_staging
 
 logger = logging.getLogger(__name__)
 
@@ -110,15 +110,7 @@ class BestTrainables:
             self.stale += 1
             return False
         record = {"step": step, "val_loss": val_loss, "validation": self.settings}
-        staging = self.directory / f"{STAGING_PREFIX}{step_name(step)}"
-        if self.rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for torn in self.directory.glob(f"{STAGING_PREFIX}*"):  # saves killed half-way
-                shutil.rmtree(torn)
-            staging.mkdir()
-        self.barrier()
-        write(staging)
-        self.barrier()
+        staging = write_staging(self.directory, step_name(step), write, self.rank, self.barrier)
         if self.rank == 0:
             if (self.run_dir / CONFIG_NAME).is_file():
                 shutil.copyfile(self.run_dir / CONFIG_NAME, staging / CONFIG_NAME)

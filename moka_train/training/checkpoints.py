@@ -52,6 +52,23 @@ def no_barrier() -> None:
     return None
 
 
+def write_staging(
+    directory: Path, name: str, write: Callable[[Path], None], rank: int, barrier: Callable[[], None]
+) -> Path:
+    """``write(staging)`` on every rank into a new ``directory/.staging-<name>``, complete on return; rank 0 first
+    removes the staging folders of saves killed half-way (never complete, never read). The caller renames it."""
+    staging = directory / f"{STAGING_PREFIX}{name}"
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        for torn in directory.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(torn)
+        staging.mkdir()
+    barrier()
+    write(staging)
+    barrier()
+    return staging
+
+
 class CheckpointManager:
     """Checkpoints of one run under ``run_dir/checkpoints``; ``keep_last`` complete ones are kept.
 
@@ -87,15 +104,7 @@ class CheckpointManager:
         """Write checkpoint ``step``: ``write(staging_dir)`` on every rank, then ``meta`` and the rename on
         rank 0, then the oldest checkpoints beyond ``keep_last`` are removed."""
         final = self.directory / step_name(step)
-        staging = self.directory / f"{STAGING_PREFIX}{step_name(step)}"
-        if self.rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in self.directory.glob(f"{STAGING_PREFIX}*"):
-                shutil.rmtree(stale)  # saves killed half-way: never complete, never read
-            staging.mkdir()
-        self.barrier()
-        write(staging)
-        self.barrier()
+        staging = write_staging(self.directory, step_name(step), write, self.rank, self.barrier)
         if self.rank == 0:
             record = {"format_version": FORMAT_VERSION, "step": step, **meta}
             text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
