@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moka_train.adapters.methods.moka import MokaLinear
+from moka_train.adapters.methods.moka import MokaFamilyLinear
 from moka_train.adapters.model import _HANDLE, adapted_layers, adapter_handle
 from moka_train.adapters.registry import available_methods, get_method
 
@@ -38,7 +38,7 @@ def check_mergeable(method: str) -> None:
     if method in mergeable_methods():
         return
     layer_cls = get_method(method)
-    if issubclass(layer_cls, MokaLinear):
+    if issubclass(layer_cls, MokaFamilyLinear):
         why = "MokA's cross-attention and per-modality A's depend on the input"
     elif layer_cls.uses_routing:
         why = "its delta depends on each token's modality"

@@ -120,6 +120,15 @@ class TokenRouting:
             self._cache[key] = table[self.modality_index]
         return self._cache[key]
 
+    def query_lambdas(self, values: tuple[float, ...], dtype: torch.dtype) -> Tensor:
+        """[B, L, 1]: ``values[m]`` at the tokens of modality m in the samples that have question tokens; 0 at pads
+        and at every token of a sample without any (whose queries then have nothing to attend to)."""
+        key = ("query_lambdas", values, dtype)
+        if key not in self._cache:
+            has_keys = (self.question.count > 0).to(dtype).unsqueeze(1)
+            self._cache[key] = (self.per_modality(values, dtype) * has_keys).unsqueeze(-1)
+        return self._cache[key]
+
     def delta_mask(self, dtype: torch.dtype) -> Tensor | None:
         """[B, L, 1] mask of the tokens whose adapter path is active (partial-modality inference), or None."""
         if self.active is None:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from moka_train.adapters.config import AdapterConfig
+from moka_train.adapters.fused_moka import compute_dtype, fused_moka_delta
 from moka_train.adapters.layer import AdaptedLinear
 from moka_train.adapters.lowrank import (
     AttentionKeys,
@@ -32,18 +33,9 @@ from moka_train.adapters.registry import register_method
 from moka_train.adapters.routing import RoutingState, TokenRouting
 
 
-@register_method("moka")
-class MokaLinear(AdaptedLinear):
-    """MokA: modality-specific A, task-centric cross-attention in the low-rank space, shared B.
-
-    For the non-text tokens i of a sample, with K = [a_j for j in the sample's question span] (keys and
-    values, i.e. A_text x_j):
-
-        att_i = softmax(a_i K^T / sqrt(S)) K,     a_i' = a_i + lambda_m(i) att_i
-
-    S is the sample's number of question tokens (``attn_scale = question_tokens``) or r (``rank``). Text
-    tokens keep a_i' = a_i; a sample with no question token gets no cross-attention.
-    """
+class MokaFamilyLinear(AdaptedLinear):
+    """The parameters and the composite delta of MokA and its variants: one A per modality (rank r), one shared
+    B, and the variant's ``interact`` between them, ``s B interact(a)`` with ``a_i = A_m(i) x_i``."""
 
     def __init__(self, base_layer: nn.Linear, config: AdapterConfig, routing: RoutingState) -> None:
         super().__init__(base_layer, config, routing)
@@ -54,14 +46,15 @@ class MokaLinear(AdaptedLinear):
         self.scale_before_interaction = config.scaling_position == "before_attention"
         # Interaction weight per configured modality; text (index 0) never queries.
         self.media_lambdas = (0.0, *(config.lambda_for(m) for m in config.modalities[1:]))
-        # Called as recorder(layer, weights [B, L, N], tokens) when set (attention maps); not part of the state.
-        self.attention_recorder: Callable[[MokaLinear, Tensor, TokenRouting], None] | None = None
+
+    def down_weights(self) -> list[Tensor]:
+        return [layer.weight for layer in self.lora_A.values()]
 
     def delta(self, x: Tensor, tokens: TokenRouting) -> Tensor:
         # s goes on the low-rank activations in both scaling positions, inside the per-token selection (its
         # mask holds s instead of 1), so no full-width product follows B: s B a' = B (s a') for after_b, whose
         # interactions are linear in a except the attention logits, which key_scale divides by s^2.
-        a_all = fused_down(x, [layer.weight for layer in self.lora_A.values()])
+        a_all = fused_down(x, self.down_weights())
         if tokens.all_text:
             return self.lora_B(a_all[..., : self.rank] * self.scaling)
         columns = tokens.own_columns(self.rank, a_all.dtype, self.scaling)
@@ -77,6 +70,48 @@ class MokaLinear(AdaptedLinear):
         return tokens.inverse_sqrt_count(slots, dtype, factor)
 
     def interact(self, a: Tensor, tokens: TokenRouting) -> Tensor:
+        """The low-rank activations ``a`` [B, L, r] (already scaled by s) after the variant's interaction."""
+        raise NotImplementedError
+
+
+@register_method("moka")
+class MokaLinear(MokaFamilyLinear):
+    """MokA: modality-specific A, task-centric cross-attention in the low-rank space, shared B.
+
+    For the non-text tokens i of a sample, with K = [a_j for j in the sample's question span] (keys and
+    values, i.e. A_text x_j):
+
+        att_i = softmax(a_i K^T / sqrt(S)) K,     a_i' = a_i + lambda_m(i) att_i
+
+    S is the sample's number of question tokens (``attn_scale = question_tokens``) or r (``rank``). Text
+    tokens keep a_i' = a_i; a sample with no question token gets no cross-attention.
+
+    Training and inference take ``fused_moka_delta``, one autograd node; the composite path (``interact``
+    between the shared building blocks) serves the attention maps and is the reference the fused one is
+    tested against.
+    """
+
+    def __init__(self, base_layer: nn.Linear, config: AdapterConfig, routing: RoutingState) -> None:
+        super().__init__(base_layer, config, routing)
+        # Called as recorder(layer, weights [B, L, N], tokens) when set (attention maps); not part of the state.
+        self.attention_recorder: Callable[[MokaLinear, Tensor, TokenRouting], None] | None = None
+
+    def delta(self, x: Tensor, tokens: TokenRouting) -> Tensor:
+        if self.attention_recorder is not None or not (tokens.has_media and tokens.has_question):
+            return super().delta(x, tokens)
+        dtype = compute_dtype(x)
+        question = tokens.question
+        return fused_moka_delta(
+            x,
+            self.down_weights(),
+            self.lora_B.weight,
+            tokens.own_columns(self.rank, dtype, self.scaling),
+            question,
+            self.key_scale(tokens, question, dtype),
+            tokens.query_lambdas(self.media_lambdas, dtype),
+        )
+
+    def interact(self, a: Tensor, tokens: TokenRouting) -> Tensor:
         if not (tokens.has_media and tokens.has_question):
             return a
         slots = tokens.question
@@ -90,7 +125,7 @@ class MokaLinear(AdaptedLinear):
 
 
 @register_method("moka_no_ca")
-class MokaNoCrossAttentionLinear(MokaLinear):
+class MokaNoCrossAttentionLinear(MokaFamilyLinear):
     """MokA without cross-attention (lambda = 0): modality-specific A's and a shared B,
     ``h_i = W0 x_i + s B A_m(i) x_i``."""
 
@@ -99,7 +134,7 @@ class MokaNoCrossAttentionLinear(MokaLinear):
 
 
 @register_method("text_query")
-class TextQueryLinear(MokaLinear):
+class TextQueryLinear(MokaFamilyLinear):
     """The paper's "cross-attention*" (Table 4): the question tokens query the media tokens.
 
     For j in the question span, with V = [a_i for the sample's media tokens i] (each through its own
@@ -126,7 +161,7 @@ class TextQueryLinear(MokaLinear):
 
 
 @register_method("naive")
-class NaiveInteractionLinear(MokaLinear):
+class NaiveInteractionLinear(MokaFamilyLinear):
     """Naive interaction (Table 4): uniform weights instead of attention. Each media token adds the mean of
     its sample's question keys, ``a_i' = a_i + lambda_m(i) mean_j a_j`` (j in the question span)."""
 
