@@ -61,7 +61,9 @@ class OneLinear(nn.Module):
         return self.q_proj(x)
 
 
-def fused_and_composite(cfg: AdapterConfig, pad_side: str, dtype: torch.dtype, autocast: bool):
+def fused_and_composite(
+    cfg: AdapterConfig, pad_side: str, dtype: torch.dtype, autocast: bool, layouts: list = LAYOUTS
+) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
     """The output and the gradients (x, every adapter weight) of the fused and of the composite delta."""
     torch.manual_seed(0)
     model = inject_adapters(OneLinear(), cfg).to(dtype)
@@ -69,7 +71,7 @@ def fused_and_composite(cfg: AdapterConfig, pad_side: str, dtype: torch.dtype, a
     assert isinstance(layer, MokaLinear)
     with torch.no_grad():
         layer.lora_B.weight.normal_(std=0.5)
-    ids, question, _ = routing_batch(LAYOUTS, pad_side=pad_side)
+    ids, question, _ = routing_batch(layouts, pad_side=pad_side)
     set_routing(model, ids, question)
     x0 = torch.randn(*ids.shape, 6, dtype=dtype)
     upstream = torch.randn(*ids.shape, 5, dtype=dtype)
@@ -98,12 +100,27 @@ def test_the_fused_delta_and_its_gradients_equal_the_composite_path(pad_side, at
         attn_scale=attn_scale,
         scaling_position=scaling_position,
     )
-    (fused, fused_grads), (composite, composite_grads) = fused_and_composite(cfg, pad_side, torch.float32, False)
+    assert_fused_equals_composite(cfg, pad_side, LAYOUTS)
+
+
+def assert_fused_equals_composite(cfg: AdapterConfig, pad_side: str, layouts: list) -> None:
+    fused, composite = fused_and_composite(cfg, pad_side, torch.float32, False, layouts)
+    (fused, fused_grads), (composite, composite_grads) = fused, composite
     torch.testing.assert_close(fused, composite, rtol=1e-5, atol=1e-5)
     for got, want in zip(fused_grads, composite_grads, strict=True):
         assert got.dtype == want.dtype
         assert want.abs().max() > 0  # every weight takes part
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_two_modalities_as_in_the_visual_and_speech_tables():
+    """Tables 2 and 3 configure two modalities (two A's side by side, text's and the media's)."""
+    cfg = AdapterConfig(method="moka", rank=4, alpha=16, target_modules=["q_proj"], modalities=["text", "speech"])
+    layouts = [
+        [("text", 2), ("speech", 5), ("question", 3), ("text", 1)],
+        [("speech", 3), ("text", 1), ("question", 1)],
+    ]
+    assert_fused_equals_composite(cfg, "right", layouts)
 
 
 def test_under_bf16_autocast_it_computes_in_bf16_and_returns_each_gradient_in_its_inputs_dtype():
