@@ -62,25 +62,30 @@ class OneLinear(nn.Module):
 
 
 def fused_and_composite(
-    cfg: AdapterConfig, pad_side: str, dtype: torch.dtype, autocast: bool, layouts: list = LAYOUTS
+    cfg: AdapterConfig,
+    pad_side: str,
+    dtype: torch.dtype,
+    autocast: bool,
+    layouts: list = LAYOUTS,
+    device: str = "cpu",
 ) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
     """The output and the gradients (x, every adapter weight) of the fused and of the composite delta."""
     torch.manual_seed(0)
-    model = inject_adapters(OneLinear(), cfg).to(dtype)
+    model = inject_adapters(OneLinear(), cfg).to(device=device, dtype=dtype)
     layer = model.q_proj
     assert isinstance(layer, MokaLinear)
     with torch.no_grad():
         layer.lora_B.weight.normal_(std=0.5)
     ids, question, _ = routing_batch(layouts, pad_side=pad_side)
-    set_routing(model, ids, question)
-    x0 = torch.randn(*ids.shape, 6, dtype=dtype)
-    upstream = torch.randn(*ids.shape, 5, dtype=dtype)
+    set_routing(model, ids.to(device), question.to(device))
+    x0 = torch.randn(*ids.shape, 6, dtype=dtype).to(device)
+    upstream = torch.randn(*ids.shape, 5, dtype=dtype).to(device)
     parameters = [p for name, p in layer.named_parameters() if not name.startswith("base_layer")]
     results = []
     for delta in (MokaLinear.delta, MokaFamilyLinear.delta):  # fused, then composite
         x = x0.clone().requires_grad_()
         tokens = layer.routing.tokens_for(x, required=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             out = delta(layer, x, tokens)
         grads = torch.autograd.grad(out, [x, *parameters], upstream.to(out.dtype))
         results.append((out, grads))
@@ -103,14 +108,21 @@ def test_the_fused_delta_and_its_gradients_equal_the_composite_path(pad_side, at
     assert_fused_equals_composite(cfg, pad_side, LAYOUTS)
 
 
-def assert_fused_equals_composite(cfg: AdapterConfig, pad_side: str, layouts: list) -> None:
-    fused, composite = fused_and_composite(cfg, pad_side, torch.float32, False, layouts)
+def assert_fused_equals_composite(cfg: AdapterConfig, pad_side: str, layouts: list, device: str = "cpu") -> None:
+    fused, composite = fused_and_composite(cfg, pad_side, torch.float32, False, layouts, device)
     (fused, fused_grads), (composite, composite_grads) = fused, composite
     torch.testing.assert_close(fused, composite, rtol=1e-5, atol=1e-5)
     for got, want in zip(fused_grads, composite_grads, strict=True):
         assert got.dtype == want.dtype
         assert want.abs().max() > 0  # every weight takes part
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_fused_delta_and_its_gradients_equal_the_composite_path():
+    """On CUDA the composite takes the explicit attention (no SDPA kernel at rank 4): the same comparison."""
+    cfg = AdapterConfig(method="moka", rank=4, alpha=16, target_modules=["q_proj"])
+    assert_fused_equals_composite(cfg, "left", LAYOUTS, device="cuda")
 
 
 def test_two_modalities_as_in_the_visual_and_speech_tables():
@@ -123,9 +135,14 @@ def test_two_modalities_as_in_the_visual_and_speech_tables():
     assert_fused_equals_composite(cfg, "right", layouts)
 
 
-def test_under_bf16_autocast_it_computes_in_bf16_and_returns_each_gradient_in_its_inputs_dtype():
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_under_bf16_autocast_it_computes_in_bf16_and_returns_each_gradient_in_its_inputs_dtype(device):
     cfg = AdapterConfig(method="moka", rank=4, alpha=16, target_modules=["q_proj"])
-    (fused, fused_grads), (composite, composite_grads) = fused_and_composite(cfg, "left", torch.float32, True)
+    fused, composite = fused_and_composite(cfg, "left", torch.float32, True, device=device)
+    (fused, fused_grads), (composite, composite_grads) = fused, composite
     assert fused.dtype == composite.dtype == torch.bfloat16
     torch.testing.assert_close(fused, composite, rtol=2e-2, atol=2e-2)
     for got, want in zip(fused_grads, composite_grads, strict=True):
