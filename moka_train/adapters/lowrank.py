@@ -124,7 +124,8 @@ def _fused_attention_applies(queries: Tensor) -> bool:
     On the CPU the fused kernel is kept although the explicit form is faster there (forward and backward of
     [8, L, 4] queries over 12-26 keys on 2 threads: 0.32 against 0.44 ms at L = 199, 0.77 against 1.23 ms at
     L = 750): the explicit form keeps the [B, L, N] weights for backward, which made the demo model's step
-    hold 1.14x LoRA's memory instead of 1.05x, for a step time within noise of the fused kernel's.
+    hold 1.14x LoRA's memory instead of 1.05x (when MokA's training path still came through here; it is
+    ``fused_moka`` now), for a step time within noise of the fused kernel's.
     """
     return queries.device.type == "cpu" or queries.shape[-1] % 8 == 0
 
