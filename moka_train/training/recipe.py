@@ -63,6 +63,7 @@ from moka_train.training.distributed import (
 )
 from moka_train.training.engine import DeepSpeedEngine, Engine, TorchEngine
 from moka_train.training.guards import check_loss
+from moka_train.training.optimizer import build_adamw
 from moka_train.training.run_logger import RunLogger
 from moka_train.training.schedule import SCHEDULES, build_lr_scheduler
 from moka_train.training.stop_signals import StopSignals, ignore_stop_signals, iterate_loader, parse_stop_signals
@@ -375,7 +376,7 @@ def build_engine(
 ) -> Engine:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.deepspeed.json is None:
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.stage.lr, weight_decay=cfg.stage.weight_decay)
+        optimizer = build_adamw(trainable, lr=cfg.stage.lr, weight_decay=cfg.stage.weight_decay)
         scheduler = build_lr_scheduler(optimizer, cfg.stage.schedule, total_steps, cfg.stage.warmup_ratio)
         return TorchEngine(
             model, optimizer, scheduler, ctx.device, ctx.world_size, cfg.stage.precision, cfg.stage.gradient_clipping
@@ -397,7 +398,7 @@ def build_engine(
 
         optimizer = DeepSpeedCPUAdam(trainable, lr=cfg.stage.lr, weight_decay=cfg.stage.weight_decay, adamw_mode=True)
     else:
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.stage.lr, weight_decay=cfg.stage.weight_decay)
+        optimizer = build_adamw(trainable, lr=cfg.stage.lr, weight_decay=cfg.stage.weight_decay)
     scheduler = build_lr_scheduler(optimizer, cfg.stage.schedule, total_steps, cfg.stage.warmup_ratio)
     return DeepSpeedEngine(model, optimizer, scheduler, ds_config, ctx.world_size)
 
