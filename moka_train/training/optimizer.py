@@ -2,11 +2,12 @@
 
 Left to its default, torch's AdamW loops over the parameter tensors in Python on the CPU (a dozen operations per
 tensor) and runs a few multi-tensor kernels per step on a GPU. ``fused=True`` updates every tensor of a device
-and dtype in one kernel (transformers' Trainer defaults to it too, ``adamw_torch_fused``). The adapters make
-the loop's cost matter: MokA has one A per modality in every adapted layer, so 179 trainable tensors on the
-demo model against LoRA's 151, and their update took 2.8 ms of a 43 ms CPU step in the loop, 1.0 ms fused
-(README, "Training step"). The update is AdamW's to rounding (``tests/test_optimizer.py``), and a parameter
-without a gradient is left untouched, as by the loop (``DeepSpeedEngine``'s skipped steps rely on it).
+and dtype in one kernel; transformers' Trainer defaults to it on torch >= 2.8 (``adamw_torch_fused``). The
+adapters make the loop's cost matter: MokA has one A per modality in every adapted layer, so 179 trainable
+tensors on the demo model against LoRA's 151, and their update took 2.8 ms in the loop, 1.0 ms fused, of a
+CPU step of about 40 ms (README, "Training step"). The update is AdamW's to rounding
+(``tests/test_optimizer.py``), and a parameter without a gradient is left untouched, as by the loop
+(``DeepSpeedEngine``'s skipped steps rely on it).
 """
 
 from __future__ import annotations
