@@ -69,8 +69,10 @@ def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 
 @functools.cache
 def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A 0-d tensor, made once: a new one per call would be a host-to-device copy per layer on a GPU."""
-    return torch.tensor(value, dtype=dtype, device=device)
+    """A 0-d tensor, made once: a new one per call would be a host-to-device copy per layer on a GPU. Made
+    outside inference mode, as ``column_block_sum`` is: the backward saves it."""
+    with torch.inference_mode(False):
+        return torch.tensor(value, dtype=dtype, device=device)
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -111,7 +113,8 @@ class _FusedMokaDelta(torch.autograd.Function):
         *a_weights: Tensor,
     ) -> Tensor:
         rank = b_weight.shape[1]
-        a_weight = torch.cat([_cast(w, dtype) for w in a_weights]) if len(a_weights) > 1 else _cast(a_weights[0], dtype)
+        # Joined before the cast: under autocast one cast of the joined weight instead of one per modality.
+        a_weight = _cast(torch.cat(a_weights) if len(a_weights) > 1 else a_weights[0], dtype)
         x_c, b_c = _cast(x, dtype), _cast(b_weight, dtype)
         a = (F.linear(x_c, a_weight) * columns) @ column_block_sum(a_weight.shape[0], rank, dtype, x.device)
         index = index.unsqueeze(-1).expand(-1, -1, rank)
@@ -151,6 +154,8 @@ class _FusedMokaDelta(torch.autograd.Function):
             grad_as = [None] * len(a_dtypes)
             if needs_a:
                 grad_a_weight = grad_all.reshape(-1, grad_all.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+                # Cast before the split (one cast when, as usual, every A has the same dtype).
+                grad_a_weight = _cast(grad_a_weight, a_dtypes[0])
                 grad_as = [_cast(g, t) for g, t in zip(grad_a_weight.split(ctx.ranks), a_dtypes, strict=True)]
         grad_b = None if grad_b is None else _cast(grad_b, b_dtype)
         return None, grad_x, grad_b, None, None, None, None, None, *grad_as

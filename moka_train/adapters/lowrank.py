@@ -41,8 +41,12 @@ def select_own_modality(a_all: Tensor, own_columns: Tensor, rank: int) -> Tensor
 
 @functools.cache
 def column_block_sum(width: int, rank: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``[width, rank]``: identities stacked, so that ``a @ it`` adds the ``width / rank`` column blocks of a."""
-    return torch.eye(rank, dtype=dtype, device=device).repeat(width // rank, 1)
+    """``[width, rank]``: identities stacked, so that ``a @ it`` adds the ``width / rank`` column blocks of a.
+
+    Made once per process: a cached tensor first asked for under ``torch.inference_mode`` would otherwise be
+    an inference tensor, which autograd refuses to save in every later training step."""
+    with torch.inference_mode(False):
+        return torch.eye(rank, dtype=dtype, device=device).repeat(width // rank, 1)
 
 
 def compact_index(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
