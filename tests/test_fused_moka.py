@@ -151,6 +151,22 @@ def test_under_bf16_autocast_it_computes_in_bf16_and_returns_each_gradient_in_it
         assert cosine > 0.999
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_as_deepspeed_runs_them(dtype):
+    """DeepSpeed's bf16 and fp16 modes hold the model, adapter included, in half precision, without autocast:
+    the delta and every gradient stay in that dtype, and equal the composite path's run in it."""
+    cfg = AdapterConfig(method="moka", rank=4, alpha=16, target_modules=["q_proj"])
+    fused, composite = fused_and_composite(cfg, "left", dtype, False)
+    (fused, fused_grads), (composite, composite_grads) = fused, composite
+    assert fused.dtype == composite.dtype == dtype
+    torch.testing.assert_close(fused, composite, rtol=2e-2, atol=2e-2)
+    for got, want in zip(fused_grads, composite_grads, strict=True):
+        assert got.dtype == want.dtype == dtype
+        assert want.abs().max() > 0
+        cosine = torch.nn.functional.cosine_similarity(got.float().flatten(), want.float().flatten(), dim=0)
+        assert cosine > 0.999
+
+
 def test_the_attention_maps_and_batches_without_cross_attention_take_the_composite_path(monkeypatch):
     """The fused path needs media and question tokens and returns no attention weights; the other cases keep
     the building blocks (and stay correct, as test_adapter_formulas checks)."""
