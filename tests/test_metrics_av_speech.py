@@ -11,6 +11,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,7 @@ def pct(value: float) -> float:
 # ---------------------------------------------------------------------------------------------------- MUSIC-AVQA
 
 
-def avqa(pid: str, prediction: str, answer: str, modality: str = "Audio", qtype: str = "Counting") -> dict:
+def avqa(pid: str, prediction: str, answer: str, modality: Any = "Audio", qtype: str = "Counting") -> dict:
     """A prediction record as generate writes it over music_avqa records (the fields the scorer reads)."""
     return {
         "id": pid,
@@ -139,6 +140,8 @@ def test_music_avqa_bad_records_are_named():
         music_avqa.score([avqa("q8", "two", "a trumpet")])
     with pytest.raises(ValueError, match="'q9'.*unknown question type"):
         music_avqa.score([avqa("q9", "two", "two", "Visual", "Temporal")])
+    with pytest.raises(ValueError, match=r"'q10'.*unknown question type \(\['Audio'\]"):
+        music_avqa.score([avqa("q10", "two", "two", ["Audio"], "Counting")])
 
 
 def avqa_excerpt() -> list[dict]:
@@ -460,6 +463,8 @@ def test_air_bench_ground_truth_from_text_and_bad_records():
     assert air_bench.score([{**base, "answer_gt": "y", "choices": ["x", "y", None, None]}]).main == 100.0
     with pytest.raises(ValueError, match="'t'.*answer_gt 'z' is none of the options"):
         air_bench.score([{**base, "answer_gt": "z", "choices": ["x", "y", None, None]}])
+    with pytest.raises(ValueError, match="'t' has choices None; expected a list"):
+        air_bench.score([{**base, "answer_gt": "z", "choices": None}])
     with pytest.raises(KeyError, match="'t' has neither 'answer_letter'"):
         air_bench.score([base])
     with pytest.raises(KeyError, match=r"'u'.*\['task_name'\]"):

@@ -266,7 +266,11 @@ CHOICES = {"A": "red", "B": "Apple pie", "C": "a cat", "D": "blue"}
         ("(A) </s>", "A", None),  # "a)" is not "a "
         ("Apple pie", "B", "E"),  # no letter token, so the text "apple pie" names B; MokA finds "e "
         ("The answer is D", "D", "E"),  # one letter token among the last 4; MokA finds the "e " of "the "
-        ("A cat is sitting, so the answer is D", "D", "A"),  # two letter tokens: "answer is D" decides
+        ("A cat is sitting, so the answer is **D**", "D", "A"),  # two letter tokens: "answer is **D**" decides
+        ("A cat is sitting, so the answer is D", "C", "A"),  # no bold letter: the text match finds "a cat"
+        ("The answer is blue.", "D", "E"),  # not "answer is b...": the text match names D
+        ("The answer is a cat", "C", "A"),  # the article is no option letter
+        ("The correct answer is Apple pie", "B", "E"),  # nor is a capitalised word's first letter
         ("D is right because the cat is sitting on the red mat", None, "D"),  # D not in the last 4 tokens
         ("I cannot decide", None, None),
         ("", None, None),
@@ -341,6 +345,16 @@ def test_mmbench_moka_compat_counts_duplicates() -> None:
 def test_mmbench_rejects_missing_gt() -> None:
     with pytest.raises(ValueError, match=r"'mmbench/DEV/0'.*hidden"):
         mmbench.score([{**_mmb(0, 0, "A", "A"), "answer": None}])
+
+
+def test_mmbench_rejects_a_gt_letter_outside_the_options() -> None:
+    with pytest.raises(ValueError, match=r"'mmbench/DEV/0'.*answer 'E'.*not among its options"):
+        mmbench.score([_mmb(0, 0, "E", "A")])
+
+
+def test_mmbench_scores_an_empty_list_as_zero_questions() -> None:
+    result = mmbench.score([])
+    assert result.counts["questions"] == 0 and result.groups["overall"]["total"] == 0
 
 
 def test_mmbench_released_predictions() -> None:

@@ -71,6 +71,8 @@ def answer_letter(record: Mapping[str, Any]) -> str:
             f"{where} has neither 'answer_letter' nor both 'answer_gt' and 'choices' (fields: {sorted(record)}); "
             f"see moka_train.evaluation.metrics.{BENCHMARK} for the record format"
         )
+    if not isinstance(record["choices"], (list, tuple)):
+        raise ValueError(f"{where} has choices {record['choices']!r}; expected a list of option texts")
     for letter, choice in zip(LETTERS, record["choices"], strict=False):
         if choice is not None and choice == record["answer_gt"]:
             return letter

@@ -13,10 +13,10 @@ share). Read when present: ``circular_offset`` (which pass; the pass-0 row names
 - option match: ``.()[],:;!*#{}`` become spaces, the text is split on whitespace; if exactly one option
   letter is a token and (first occurrence) among the last 4 tokens -> that letter ("Apple" holds no token
   "A"; "A" as an article *is* one, as in VLMEvalKit); with no letter token and a lone ``Z`` token -> Z;
-  else ``(correct )?answer is **X**`` (case-insensitive) -> X; refusal phrases -> Z; then text match: if
-  the answer is at most twice the options' total length and exactly one option text (lower-cased) is a
-  substring -> that letter. Anything else would go to an LLM judge, which ``exact_matching`` replaces by
-  "wrong": unparsable (and Z) answers are wrong and counted in ``unparsable``;
+  else ``(correct )?answer is **X**`` (the words in any case, X a bold capital) -> X; refusal phrases -> Z;
+  then text match: if the answer is at most twice the options' total length and exactly one option text
+  (lower-cased) is a substring -> that letter. Anything else would go to an LLM judge, which
+  ``exact_matching`` replaces by "wrong": unparsable (and Z) answers are wrong and counted in ``unparsable``;
 - CircularEval: a question (``group_index``) scores 1 only if every one of its rows maps to that row's GT;
   Overall = mean over questions, x100 (the headline); then per L2 and L3 category when the records have
   them. The row ``single_pass`` is the plain accuracy over all rows with the same parser, for comparison.
@@ -52,7 +52,9 @@ REFUSALS = (
     "Cannot determine the answer",
 )
 API_FAILURE = "Failed to obtain answer via API"
-VERBOSE_ANSWER = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+# The letter must be bold and upper case: "The answer is **B**". A plain "answer is dog" is left to the text
+# match (a loose pattern read it as D, the word's first letter).
+VERBOSE_ANSWER = re.compile(r"(?i:(?:correct\s+)?answer\s+is)\s+\*\*([A-Z])\*\*")
 
 
 # ---------------------------------------------------------------------------------------------- parsers
@@ -75,8 +77,8 @@ def can_infer_option(answer: str, choices: Mapping[str, Any]) -> str | None:
     elif count == 0 and "Z" in tokens:
         return "Z"
     match = VERBOSE_ANSWER.search(answer)
-    if match and match.group(1).upper() in choices:
-        return match.group(1).upper()
+    if match and match.group(1) in choices:
+        return match.group(1)
     return None
 
 
@@ -145,9 +147,16 @@ def _score_official(predictions: Sequence[Mapping[str, Any]]) -> BenchmarkScore:
     groups: dict[Any, list[tuple[Mapping[str, Any], bool]]] = {}
     unparsable = 0
     for position, record in enumerate(kept):
-        pred = can_infer(record["prediction"], _options(record, position))
+        options = _options(record, position)
+        truth = gt_letter(record, position)
+        if truth not in options:
+            raise ValueError(
+                f"{BENCHMARK}: prediction {record.get('id', position)!r} has answer {truth!r}, which is not among "
+                f"its options {sorted(options)}"
+            )
+        pred = can_infer(record["prediction"], options)
         unparsable += pred in (None, "Z")
-        groups.setdefault(record["group_index"], []).append((record, pred == gt_letter(record, position)))
+        groups.setdefault(record["group_index"], []).append((record, pred == truth))
 
     hits = {key: all(right for _, right in rows) for key, rows in groups.items()}
     result: dict[str, dict[str, float | int]] = {"overall": accuracy_row(sum(hits.values()), len(hits))}
@@ -175,7 +184,7 @@ def _score_official(predictions: Sequence[Mapping[str, Any]]) -> BenchmarkScore:
     rows = [right for rows in groups.values() for _, right in rows]
     result["single_pass"] = accuracy_row(sum(rows), len(rows))
     passes = [len(rows) for rows in groups.values()]
-    if max(passes) == 1:
+    if passes and max(passes) == 1:
         notes.append("every question has one row: CircularEval reduces to single-pass accuracy")
     counts = {
         "total": len(predictions),

@@ -110,7 +110,11 @@ def ground_truth(record: Mapping[str, Any]) -> str:
 
 def question_group(record: Mapping[str, Any]) -> tuple[str, str]:
     modality, question_type = record["question_modality"], record["question_type"]
-    if question_type not in QUESTION_TYPES.get(modality, ()):
+    if (
+        not isinstance(modality, str)
+        or not isinstance(question_type, str)
+        or question_type not in QUESTION_TYPES.get(modality, ())
+    ):
         known = "; ".join(f"{m}: {', '.join(types)}" for m, types in QUESTION_TYPES.items())
         raise ValueError(
             f"{BENCHMARK}: prediction {record['id']!r} has the unknown question type "
