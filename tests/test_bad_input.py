@@ -45,6 +45,8 @@ def test_target_that_is_not_a_linear():
         ({"cross_attn_lambda": {"speech": 1.0}}, r"names modalities \['speech'\]"),
         ({"dropout": 1.5}, "dropout must be in"),
         ({"rank": 0}, "rank must be >= 1"),
+        ({"alpha": 0}, "alpha must be a positive number"),
+        ({"alpha": float("nan")}, "alpha must be a positive number"),
     ],
 )
 def test_config_errors(kwargs, match):

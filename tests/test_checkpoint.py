@@ -14,6 +14,7 @@ from moka_train.adapters import (
     FORMAT_VERSION,
     AdapterConfig,
     available_methods,
+    get_adapter_config,
     get_method,
     inject_adapters,
     load_adapter,
@@ -101,6 +102,22 @@ def test_lora_checkpoint_loads_in_peft(tmp_path):
     assert (want - tiny_llama()(input_ids=tokens, attention_mask=mask).logits).abs().max() > 1e-3
 
 
+def test_lora_on_a_bf16_backbone_equals_peft(tmp_path):
+    """fp32 adapter on a bf16 backbone (no autocast): peft adds the fp32 delta to the bf16 output and rounds
+    once; rounding the delta first differs in about a quarter of a layer's outputs."""
+    model = inject_adapters(tiny_llama().to(torch.bfloat16), AdapterConfig(method="lora"))
+    randomize_adapters(model)
+    save_adapter(model, tmp_path)
+    peft_model = PeftModel.from_pretrained(tiny_llama().to(torch.bfloat16), tmp_path)
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {torch.float32}
+    tokens, _, _, mask = inputs()
+    with torch.no_grad():
+        want = peft_model(input_ids=tokens, attention_mask=mask).logits
+        got = model(input_ids=tokens, attention_mask=mask).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def _saved(tmp_path, method="moka"):
     model = inject_adapters(tiny_llama(), AdapterConfig(method=method))
     save_adapter(model, tmp_path)
@@ -176,3 +193,28 @@ def test_unsupported_peft_options_are_refused(tmp_path):
     config_path.write_text(json.dumps({**raw, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora"):
         load_adapter(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("alora_invocation_tokens", [5, 6]),  # activated LoRA: the delta only from the invocation tokens on
+        ("use_qalora", True),
+        ("exclude_modules", ["model.layers.0.self_attn.q_proj"]),
+        ("a_later_peft_option", {"enabled": True}),  # an option this code does not know is refused when set
+    ],
+)
+def test_peft_options_that_change_the_forward_are_refused(tmp_path, option, value):
+    config_path = _saved(tmp_path, "lora") / "adapter_config.json"
+    raw = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**raw, option: value}))
+    with pytest.raises(ValueError, match=f"peft option {option}=.*not supported"):
+        load_adapter(tiny_llama(), tmp_path)
+
+
+def test_peft_initialisation_options_load(tmp_path):
+    """An init scheme (EVA, LoftQ, ...) is in the saved weights already; unset future options are fine."""
+    config_path = _saved(tmp_path, "lora") / "adapter_config.json"
+    raw = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**raw, "eva_config": {"rho": 2.0}, "a_later_peft_option": None}))
+    assert get_adapter_config(load_adapter(tiny_llama(), tmp_path)).method == "lora"

@@ -48,6 +48,35 @@ _PEFT_UNSUPPORTED = {
     "lora_bias": False,
     "target_parameters": None,
     "trainable_token_indices": None,
+    "exclude_modules": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+}
+# peft LoRA options that leave the forward of the saved weights as our lora computes it (bookkeeping, and
+# initialisation schemes whose result is in the weights). Any other option, including one a later peft adds,
+# must be unset (None, False or empty), or the directory is refused rather than loaded with other numbers.
+_PEFT_NEUTRAL = {
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "init_lora_weights",
+    "layers_pattern",
+    "megatron_core",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "qalora_group_size",
+    "runtime_config",
+    "ensure_weight_tying",
 }
 
 
@@ -228,11 +257,11 @@ def _config_from_peft(raw: dict) -> AdapterConfig:
         raise ValueError(f"peft_type {raw.get('peft_type')!r} is not supported; only peft LoRA directories load")
     method = _method_from_peft(raw)
     selected = peft_options(method)
-    for option, default in _PEFT_UNSUPPORTED.items():
-        if option in selected:
+    for option, value in raw.items():
+        if option in selected or option in _PEFT_NEUTRAL:
             continue
-        value = raw.get(option)
-        if value not in (None, default):
+        unset = value is None or (value == _PEFT_UNSUPPORTED[option] if option in _PEFT_UNSUPPORTED else not value)
+        if not unset:
             raise ValueError(f"peft option {option}={value!r} is not supported by moka_train's {method}")
     targets = raw.get("target_modules")
     if not isinstance(targets, list):

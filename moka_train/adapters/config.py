@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,9 @@ class AdapterConfig:
         layer_cls = get_method(self.method)
         if not self.target_modules:
             raise ValueError("AdapterConfig.target_modules is empty")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            # alpha = 0 would silence the adapter (and MokA folds 1 / s^2 into its attention logits)
+            raise ValueError(f"AdapterConfig.alpha must be a positive number, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.attn_scale not in ATTN_SCALES:

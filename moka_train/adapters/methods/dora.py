@@ -88,9 +88,8 @@ class DoraLinear(LoraLinear):
             return (self.magnitude.to(dtype) / norm).unsqueeze(1) * combined
 
     def forward(self, x: Tensor) -> Tensor:
-        # AdaptedLinear.forward with two changes, both peft's: without active dropout, W0 x is the frozen output minus
-        # its bias instead of a second matmul (``delta`` computes it from x when called on its own), and the sum is
-        # rounded once.
+        # AdaptedLinear.forward with one change, peft's: without active dropout, W0 x is the frozen output minus its
+        # bias instead of a second matmul (``delta`` computes it from x when called on its own).
         result = self.base_layer(x)
         tokens = self.routing.tokens_for(x, required=False)
         # Always the adapter's dtype (not ``adapter_input``): the column norm of W0 + s B A is taken in x's dtype.

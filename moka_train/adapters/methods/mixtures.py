@@ -129,7 +129,7 @@ class RoutedMixtureLinear(AdaptedLinear):
             # Computed during gradient checkpointing's recomputation too (it must repeat the same ops); the routing
             # drops that copy, which comes after the loss was taken.
             self.routing.add_aux_loss(term)
-        return result + self.keep_active(delta, tokens).to(result.dtype)
+        return (result + self.keep_active(delta, tokens)).to(result.dtype)
 
     @property
     def aux_layers(self) -> int:
