@@ -170,6 +170,8 @@ def test_bad_settings_are_refused(setup):
         generate_predictions(model, training, collator)
     with pytest.raises(ValueError, match="rank < world_size"):
         generate_predictions(model, dataset, collator, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="num_return_sequences=2 is not supported"):
+        generate_predictions(model, dataset, collator, num_beams=2, num_return_sequences=2)
 
 
 # -- accuracy -----------------------------------------------------------------------------------------------------

@@ -111,6 +111,12 @@ def generate_predictions(
     results discarded) until every rank has made the same number of ``generate`` calls.
     """
     check_inference_inputs(dataset, batch_size, "generate_predictions")
+    if generation_kwargs.get("num_return_sequences", 1) != 1:
+        # one prediction per sample is what the scorers read; several would be paired with the wrong samples
+        raise ValueError(
+            f"generate_predictions writes one answer per sample; num_return_sequences="
+            f"{generation_kwargs['num_return_sequences']} is not supported (beam search keeps its best beam)"
+        )
     if collator.padding_side != "left":
         raise ValueError(f"generation needs left padding; the collator pads {collator.padding_side!r}")
     indices = shard_indices(len(dataset), rank, world_size)
