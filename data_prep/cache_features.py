@@ -1,7 +1,8 @@
 """Cache the frozen encoders' features of a dataset (see configs/cache_features.yaml for the command).
 
 Resumable: items already in the cache are skipped, so rerunning after a kill finishes the job. Under
-torchrun each process takes every world-th item and writes its own shards; no collective is needed.
+torchrun each process takes every world-th distinct item (cached or not, so processes that start apart
+split the same way) and writes its own shards; no collective is needed.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from moka_train.data.caching import fill_feature_caches, open_caches
 from moka_train.data.features import FeatureCache, media_key
-from moka_train.data.records import MediaRef
+from moka_train.data.records import MediaRef, Record
 
 CONFIG = {"encoder": "clip", "layer": -2, "frames": 10}
 
@@ -177,3 +178,40 @@ def test_writer_refuses_bad_shapes(tmp_path):
             writer.add(ref, torch.ones(3, 4))
         with pytest.raises(ValueError, match="mask must be bool"):
             writer.add(ref, torch.ones(1, 3, 4), torch.ones(1, 3))
+
+
+class _FileFeatures:
+    """A SegmentEncoder and MediaSource pair over ``media_files``: the loader returns the file's index and
+    the encoder ``features_of`` that index, so the cached values can be checked."""
+
+    hidden_size = 4
+
+    def load(self, ref: MediaRef) -> torch.Tensor:
+        return torch.tensor([[int(Path(ref.path).stem.removeprefix("clip"))]])
+
+    def encode_segments(self, media: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [features_of(MediaRef("visual", f"clip{int(index):03d}.mp4", "video")) for index in media[:, 0]]
+        return torch.cat([p[0][:1, :5] for p in parts]), torch.cat([p[1][:1, :5] for p in parts])
+
+
+def test_ranks_that_open_the_cache_at_different_times_cover_every_item(tmp_path):
+    """Rank 1 opens the cache after rank 0 has written its shard (ranks start seconds apart, and nothing
+    waits between opening and filling): the split must not depend on what is cached, or items go unowned."""
+    refs = media_files(tmp_path / "media", 5)
+    records = [Record(f"r{i}", [{"role": "user", "content": "<video> q"}], None, [ref]) for i, ref in enumerate(refs)]
+    records.append(Record("again", [{"role": "user", "content": "<video> q"}], None, [refs[2]]))  # one item twice
+    source = _FileFeatures()
+    settings = {"visual": {"encoder": "file-index"}}
+    written = []
+    for rank in (0, 1):
+        caches = open_caches(tmp_path / "cache", settings, {})
+        written.append(
+            fill_feature_caches(records, {"visual": source}, caches, source, rank=rank, world_size=2).written
+        )
+    assert written == [3, 2]  # items 0, 2, 4 and 1, 3: each encoded once
+    cache = open_caches(tmp_path / "cache", settings, {})["visual"]
+    for index, ref in enumerate(refs):
+        features, mask = cache.get(ref)
+        want = features_of(ref)
+        torch.testing.assert_close(features, want[0][:1, :5], msg=f"item {index}")
+        assert torch.equal(mask, want[1][:1, :5])

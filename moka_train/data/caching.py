@@ -88,7 +88,8 @@ def fill_feature_caches(
     device: str | torch.device = "cpu",
 ) -> CacheReport:
     """Encode and cache every distinct media item of ``records`` that is not cached yet; this process takes
-    the items with index ``rank`` modulo ``world_size``. ``on_error="skip"`` counts unreadable media and
+    the distinct items (cached or not, in first-seen order) with index ``rank`` modulo ``world_size``, and
+    counts its share's cached ones in ``already_cached``. ``on_error="skip"`` counts unreadable media and
     goes on (they are listed in the report and one warning); ``"error"`` stops at the first, naming it."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -97,10 +98,16 @@ def fill_feature_caches(
     for name in sorted({ref.modality for record in records for ref in record.media}):
         if name not in encoders or name not in caches:
             raise ValueError(f"the records have {name} media, but no {name} encoder / cache is configured")
-        refs = [ref for record in records for ref in record.media if ref.modality == name]
-        todo = caches[name].missing(refs)
-        report.already_cached += len({media_key(ref) for ref in refs}) - len(todo)
-        mine = todo[rank::world_size]
+        distinct: dict[str, MediaRef] = {}
+        for record in records:
+            for ref in record.media:
+                if ref.modality == name:
+                    distinct.setdefault(media_key(ref), ref)
+        # Shard all the items, cached or not, then drop the cached ones: ranks that open the cache at different
+        # times (one already wrote a shard) still split the items the same way, and every item has an owner.
+        share = list(distinct.values())[rank::world_size]
+        mine = caches[name].missing(share)
+        report.already_cached += len(share) - len(mine)
         encoder = encoders[name]
         with caches[name].writer() as writer:
             bar = tqdm(total=len(mine), desc=f"caching {name} features", disable=rank != 0, unit="item")
