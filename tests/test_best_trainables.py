@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from moka_train.training.best import BestTrainables
+from moka_train.training.checkpoints import CheckpointManager, checkpoint_meta, read_meta
 
 SETTINGS = {"split": "val", "max_samples": None}
 
@@ -42,7 +43,7 @@ def test_only_a_strictly_lower_loss_replaces_the_best(tmp_path: Path):
     target, weights, record = kept(best)
     assert target == "best_steps/step-00000010"  # relative: the run directory can be moved
     assert weights == "step 10"
-    assert record == {"step": 10, "val_loss": 1.0, "validation": SETTINGS}
+    assert record == {"step": 10, "val_loss": 1.0, "validation": SETTINGS, "name": "step-00000010"}
     assert best.record == record
     assert (best.link / "config.yaml").read_text() == "seed: 42\n"  # a run directory for evaluate.py and the rest
     assert [p.name for p in best.directory.iterdir()] == ["step-00000010"]  # the earlier bests are gone
@@ -113,3 +114,53 @@ def test_clear_removes_an_earlier_runs_best(tmp_path: Path):
     assert not os.path.lexists(tmp_path / "best") and not (tmp_path / "best_steps").exists()
     assert fresh.offer(2, 5.0, writer("fresh"))  # no record to beat
     fresh.clear()  # nothing left to clear: no error
+
+
+def _checkpoint(manager: CheckpointManager, step: int, best: BestTrainables) -> None:
+    """A checkpoint whose meta records ``best``'s state, as the recipe saves one."""
+    manager.save(step, checkpoint_meta({"seed": 42}, best=best.state()), lambda directory: None)
+    best.prune()
+
+
+def test_a_run_killed_after_a_new_best_resumes_pointing_at_its_checkpoints_best(tmp_path: Path):
+    """Best at step 1, checkpoint at 3, a new best at 4, killed before the next checkpoint. The resumed run (from
+    step 3) must see step 1's trainables under best, whatever it trains next: the uninterrupted run's best until
+    it reaches step 4 again."""
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    killed = BestTrainables(tmp_path, SETTINGS, checkpoints=manager.checkpoints)
+    killed.offer(1, 3.0, writer("step 1"))
+    _checkpoint(manager, 3, killed)
+    killed.offer(4, 2.0, writer("step 4"))
+    assert kept(killed)[:2] == ("best_steps/step-00000004", "step 4")
+    assert sorted(p.name for p in killed.directory.iterdir()) == ["step-00000001", "step-00000004"]  # 3 needs 1
+
+    meta = read_meta(manager.latest())
+    resumed = BestTrainables(tmp_path, SETTINGS, meta["best"], checkpoints=manager.checkpoints)
+    resumed.resume(tmp_path)
+    assert resumed.available and kept(resumed)[:2] == ("best_steps/step-00000001", "step 1")
+    assert [p.name for p in resumed.directory.iterdir()] == ["step-00000001"]  # the killed run's future is gone
+    assert resumed.offer(4, 2.0, writer("resumed 4"))
+    _checkpoint(manager, 5, resumed)
+    _checkpoint(manager, 6, resumed)  # no kept checkpoint records step 1 any more
+    assert [p.name for p in resumed.directory.iterdir()] == ["step-00000004"]
+
+
+def test_a_run_resumed_into_another_directory_brings_its_best(tmp_path: Path):
+    first = tmp_path / "first"
+    manager = CheckpointManager(first, keep_last=2)
+    best = BestTrainables(first, SETTINGS, checkpoints=manager.checkpoints)
+    best.offer(2, 1.0, writer("step 2"))
+    _checkpoint(manager, 3, best)
+    second = tmp_path / "second"
+    resumed = BestTrainables(second, SETTINGS, read_meta(manager.latest())["best"])
+    resumed.resume(first)
+    assert resumed.available and kept(resumed)[:2] == ("best_steps/step-00000002", "step 2")
+
+
+def test_a_best_whose_files_are_gone_is_not_claimed(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    previous = {"record": {"step": 2, "val_loss": 1.0, "validation": SETTINGS}, "stale": 0}  # no name: step-N
+    resumed = BestTrainables(tmp_path, SETTINGS, previous)
+    with caplog.at_level(logging.WARNING, logger="moka_train.training.best"):
+        resumed.resume(tmp_path / "elsewhere")
+    assert "are not in" in caplog.text and not resumed.available and not resumed.link.exists()
+    assert not resumed.improves(1.5)  # still compared with the recorded loss, as the uninterrupted run would

@@ -59,6 +59,26 @@ def test_a_failure_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     assert [p.name for p in manager.checkpoints()] == ["step-00000010", "step-00000020"]
 
 
+def test_saving_a_step_again_replaces_it_whole(tmp_path, monkeypatch):
+    """A resumed run re-reaching a saved step: the old folder is renamed away before it is removed, so a kill
+    during the removal never leaves a step folder with its meta.json but part of its files."""
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    manager.save(10, checkpoint_meta(CONFIG), write_weights(1))
+    removed = []
+
+    def killed_while_removing(path, *args, **kwargs):
+        removed.append(Path(path).name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("moka_train.training.checkpoints.shutil.rmtree", killed_while_removing)
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(10, checkpoint_meta(CONFIG), write_weights(2))
+    assert removed == [".staging-replaced-step-00000010"]  # not the step folder itself
+    latest = manager.latest()
+    assert latest.name == "step-00000010"  # the new save, complete
+    assert torch.equal(torch.load(latest / "state" / "weights.pt")["w"], torch.full((2,), 2.0))
+
+
 def test_resume_is_explicit_and_refuses_another_configuration(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=1)
     assert resolve_resume("auto", manager, CONFIG) is None  # nothing yet: a fresh start

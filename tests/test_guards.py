@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from moka_train.training.guards import NonFiniteLossError, check_loss
 from tests.launch import free_port
@@ -96,3 +97,41 @@ def test_dropped_samples_are_counted_per_step_and_named_per_rank(tmp_path):
     lines = (run_dir / "dropped_samples.rank0.tsv").read_text().splitlines()
     assert lines == [f"{step}\t{sample_id}" for step, ids in enumerate(steps, 1) for sample_id in ids]
     assert f"{sum(map(len, steps))} sample(s) left out of their batches" in (run_dir / "train.log").read_text()
+
+
+def test_a_step_with_no_answer_token_leaves_the_weights_as_they_are(tmp_path):
+    """Step 1 keeps a sample, every sample of step 2 is over loader.max_length: step 2's micro-batches are all
+    fillers, so its loss and gradients are zero, yet AdamW would move the weights on step 1's momentum. The step
+    is skipped: the final trainables equal step 1's checkpoint. (A seed is searched for whose plan does this.)"""
+    from moka_train.training.batch_plan import BatchPlan, PlanSampler
+    from moka_train.training.recipe import build_data_and_model, train
+    from moka_train.training.run_logger import read_metrics
+    from tests.trained_runs import CPU, compose_config, write_demo_data
+
+    data_root = write_demo_data(tmp_path / "data")
+    overrides = [
+        "experiment=demo", "stage=instruct", "adapter=moka", f"run_dir={tmp_path / 'run'}",
+        f"data.builder.root={data_root}", f"features.cache_dir={data_root / 'feature_cache'}",
+        "stage.global_batch_size=2", "stage.micro_batch_size=1", "stage.max_steps=2", "stage.warmup_ratio=0",
+        "checkpoint.every_steps=1", "logger.bar=false", "loader.num_workers=0",
+    ]  # fmt: skip
+    dataset, _, collator, _ = build_data_and_model(compose_config("train", overrides), CPU)
+    lengths = [len(collator.encode(dataset[i])) for i in range(len(dataset))]
+    for seed in range(100):
+        planned = [i for (i,) in PlanSampler(BatchPlan(len(dataset), 2, 1, 1, seed), rank=0, epochs=1, max_steps=2)]
+        limit = min(lengths[i] for i in planned[:2])
+        if min(lengths[i] for i in planned[2:]) > limit:
+            break
+    else:
+        pytest.fail("no seed below 100 plans a step 2 longer than step 1's shortest sample")
+    cfg = compose_config("train", [*overrides, f"seed={seed}", f"loader.max_length={limit}", "loader.on_overflow=drop"])
+    with pytest.warns(UserWarning, match="dropped sample"):
+        run_dir = train(cfg)
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert metrics[1]["dropped_samples"] == 2.0 and "loss" in metrics[0] and "loss" not in metrics[1]
+    assert "step 2 has no answer token on any rank" in (run_dir / "train.log").read_text()
+    for name in ("trainables.safetensors", "adapter/adapter_model.safetensors"):
+        after_step_1 = load_file(run_dir / "checkpoints" / "step-00000001" / "trainables" / name)
+        final = load_file(run_dir / "trainables" / name)
+        assert sorted(final) == sorted(after_step_1)
+        assert all(torch.equal(final[k], after_step_1[k]) for k in final), name

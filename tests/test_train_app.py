@@ -545,7 +545,13 @@ def test_the_lowest_validation_loss_keeps_its_trainables_through_a_kill_and_resu
     )
     assert check_run_dir(whole / "best") == whole / f"best_steps/step-{lowest:08d}"  # what the evaluation apps take
     record = json.loads((whole / "best" / "best.json").read_text())
-    assert record == {"step": lowest, "val_loss": measured[lowest], "validation": {"split": "val", "max_samples": 4}}
+    validation = {"split": "val", "max_samples": 4}
+    assert record == {
+        "step": lowest,
+        "val_loss": measured[lowest],
+        "validation": validation,
+        "name": f"step-{lowest:08d}",
+    }
     assert f"the lowest validation loss, {measured[lowest]:.4f}, was at step {lowest}" in output
 
     killed = tmp_path / "killed"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 
 from moka_train.training.batch_plan import BatchPlan, PlanSampler
-from moka_train.training.recipe import check_config, fingerprinted_config, init_entries
+from moka_train.training.recipe import check_config, claim_new_directory, fingerprinted_config, init_entries
 from tests.launch import ROOT
 
 
@@ -65,6 +67,18 @@ def test_an_unknown_preset_is_refused_by_name():
             "got split=val, every_steps=5, keep_best=False",
         ),
         (["fault.signal_after_step=1", "fault.signal_to=launcher"], "fault.signal_to=launcher signals torchrun"),
+        (["blind=flase"], "blind must be true or false, got 'flase'"),  # a string is truthy: it trained blind
+        (["probe_media=1"], "probe_media must be true or false"),
+        (["features.fill=yes please"], "features.fill must be true or false"),
+        (["stage.gradient_checkpointing=null"], "stage.gradient_checkpointing must be true or false"),
+        (["seed=null"], "seed must be an integer, got None"),
+        (["stage.lr=true"], "stage.lr must be a positive number, got True"),
+        (["stage.warmup_ratio=abc"], r"stage.warmup_ratio must be in \[0, 1\), got 'abc'"),
+        (["stage.weight_decay=null"], "stage.weight_decay must be a number >= 0, got None"),
+        (["stage.gradient_clipping=-1"], "stage.gradient_clipping must be a number >= 0"),
+        (["loader.num_workers=-1"], "loader.num_workers must be an integer >= 0"),
+        (["loader.max_length=-5"], "loader.max_length must be a positive integer or null"),
+        (["loader.on_overflow=dorp"], "loader.on_overflow must be one of"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(overrides, message):
@@ -93,6 +107,7 @@ def test_init_from_entries():
 def test_resume_fingerprint_ignores_what_a_resumed_run_may_change():
     base = {"stage": {"lr": 1e-4}, "resume": "none", "logger": {"backend": "none"}, "loader": {"num_workers": 2}}
     changed = {"stage": {"lr": 1e-4}, "resume": "auto", "logger": {"backend": "wandb"}, "loader": {"num_workers": 0}}
+    base["run_dir"], changed["run_dir"] = None, "outputs/instruct-2026-11-24_19-06-17"  # picked for a null run_dir
     assert fingerprinted_config(base) == fingerprinted_config(changed) == {"stage": {"lr": 1e-4}, "loader": {}}
 
 
@@ -185,3 +200,10 @@ def test_a_sampler_started_at_a_step_continues_the_same_order():
     assert len(whole) == 3 * plan.steps_per_epoch * plan.accumulation_steps == len(PlanSampler(plan, 1, 3))
     for start in (1, 3, 4, 7):
         assert list(PlanSampler(plan, rank=1, epochs=3, start_step=start)) == whole[start * 2 :]
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
+    base = tmp_path / "outputs" / "instruct-2026-11-24_19-06-17"
+    claimed = [claim_new_directory(base) for _ in range(3)]
+    assert claimed == [str(base), f"{base}-1", f"{base}-2"]
+    assert all(Path(path).is_dir() for path in claimed)

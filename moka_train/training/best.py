@@ -8,13 +8,16 @@
     <run_dir>/best_steps/.staging-step-00000060/   a save in progress: never read, removed by the next save
 
 A validation whose loss is lower than the best so far saves the trainables into a staging directory, renames
-it into place, then points ``best`` at it in one rename of a new symlink, and only then removes the previous
-best. A kill at any moment leaves ``best`` pointing at a complete directory (a resumed run that reaches again
-the step ``best`` points at writes ``step-N.1`` rather than replace what the link still names).
+it into place, then points ``best`` at it in one rename of a new symlink, and only then removes the earlier
+bests that no kept checkpoint records. A kill at any moment leaves ``best`` pointing at a complete directory (a
+resumed run that reaches again the step ``best`` points at writes ``step-N.1`` rather than replace what the
+link still names).
 
 The best so far travels in each checkpoint's meta, so a resumed run compares with what the run had seen at
 that step (exactly as the uninterrupted run would), and starts afresh when the validation settings changed on
-resume (losses over other samples do not compare).
+resume (losses over other samples do not compare). Because every kept checkpoint's best stays on disk, a run
+killed after a new best but before its next checkpoint resumes with ``best`` pointing back at the best its
+checkpoint recorded (a run resumed into another run directory copies that best over).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from moka_train.checkpoint_io import write_atomic
-from moka_train.training.checkpoints import no_barrier, step_name, write_staging
+from moka_train.training.checkpoints import no_barrier, read_meta, step_name, write_staging
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +58,10 @@ class BestTrainables:
         previous: Mapping[str, Any] | None = None,
         rank: int = 0,
         barrier: Callable[[], None] = no_barrier,
+        checkpoints: Callable[[], list[Path]] = list,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.checkpoints = checkpoints  # the run's kept checkpoints: the bests their metas record stay on disk
         self.settings = dict(settings)
         self.rank = rank
         self.barrier = barrier
@@ -87,6 +92,65 @@ class BestTrainables:
     def directory(self) -> Path:
         return self.run_dir / STEPS_DIR
 
+    @property
+    def kept(self) -> Path | None:
+        """The directory of the best so far (None before the first validation)."""
+        return None if self.record is None else self.directory / _name(self.record)
+
+    @property
+    def available(self) -> bool:
+        """Whether ``link`` leads to the best so far (False when a resumed run could not find its files)."""
+        kept = self.kept
+        return kept is not None and self.link.is_symlink() and self.link.resolve() == kept.resolve()
+
+    def resume(self, source_run_dir: str | os.PathLike) -> None:
+        """On resume from a checkpoint of ``source_run_dir``: point ``link`` at the best that checkpoint recorded,
+        copying it from ``source_run_dir`` when the run continues in another directory, and remove the bests a
+        killed run kept after that checkpoint (the resumed run recomputes them)."""
+        if self.rank == 0:
+            kept = self.kept
+            if kept is not None and not kept.is_dir():
+                source = Path(source_run_dir) / STEPS_DIR / kept.name
+                if source.is_dir():
+                    logger.info("copying the best trainables so far from %s", source)
+                    shutil.copytree(source, kept)
+            if kept is not None and kept.is_dir():
+                if not self.available:
+                    logger.warning("%s now points at %s, the best its checkpoint recorded", self.link, kept)
+                    _point(self.link, kept)
+            else:
+                if kept is not None:
+                    logger.warning(
+                        "the trainables of the best validation so far (step %d) are not in %s: %s is kept anew from "
+                        "the next validation with a lower loss",
+                        self.record["step"],
+                        self.directory,
+                        self.link,
+                    )
+                if self.link.is_symlink() or self.link.exists():
+                    self.link.unlink()
+            self.prune()
+        self.barrier()
+
+    def prune(self) -> None:
+        """Rank 0 removes the best directories that are neither the best so far nor recorded by a kept
+        checkpoint (call it after each checkpoint save)."""
+        if self.rank != 0 or not self.directory.is_dir():
+            return
+        keep = {path.name for path in self.checkpoints_bests()} | ({self.kept.name} if self.kept else set())
+        for other in self.directory.iterdir():
+            if other.name not in keep and not other.name.startswith("."):
+                shutil.rmtree(other)
+
+    def checkpoints_bests(self) -> list[Path]:
+        """The best directories the kept checkpoints record."""
+        found = []
+        for checkpoint in self.checkpoints():
+            best = read_meta(checkpoint).get("best") or {}
+            if best.get("record") is not None:
+                found.append(self.directory / _name(best["record"]))
+        return found
+
     def improves(self, val_loss: float) -> bool:
         """Strictly lower than the best so far (a NaN loss, from a split with no answer token, never is)."""
         if math.isnan(val_loss):
@@ -109,26 +173,29 @@ class BestTrainables:
         if not self.improves(val_loss):
             self.stale += 1
             return False
-        record = {"step": step, "val_loss": val_loss, "validation": self.settings}
+        # The same step again (a resumed run re-reaching it) while ``best`` or a checkpoint may name it: another name.
+        final = self.directory / step_name(step)
+        copies = itertools.count(1)
+        while final.exists():
+            final = self.directory / f"{step_name(step)}.{next(copies)}"
+        record = {"step": step, "val_loss": val_loss, "validation": self.settings, "name": final.name}
         staging = write_staging(self.directory, step_name(step), write, self.rank, self.barrier)
+        self.record, self.stale = record, 0
         if self.rank == 0:
             if (self.run_dir / CONFIG_NAME).is_file():
                 shutil.copyfile(self.run_dir / CONFIG_NAME, staging / CONFIG_NAME)
             text = json.dumps(record, indent=2, sort_keys=True) + "\n"
             write_atomic(staging / RECORD_NAME, lambda tmp: Path(tmp).write_text(text))
-            final = self.directory / step_name(step)
-            # The same step again (a resumed run re-reaching it) while ``best`` may point at it: another name.
-            copies = itertools.count(1)
-            while final.exists():
-                final = self.directory / f"{step_name(step)}.{next(copies)}"
             os.replace(staging, final)
             _point(self.link, final)
-            for other in self.directory.iterdir():
-                if other != final:
-                    shutil.rmtree(other)
+            self.prune()
         self.barrier()
-        self.record, self.stale = record, 0
         return True
+
+
+def _name(record: Mapping[str, Any]) -> str:
+    """The directory name of a best record (records written before names were recorded: ``step-N``)."""
+    return record.get("name") or step_name(int(record["step"]))
 
 
 def _point(link: Path, target: Path) -> None:

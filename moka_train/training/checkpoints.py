@@ -109,9 +109,15 @@ class CheckpointManager:
             record = {"format_version": FORMAT_VERSION, "step": step, **meta}
             text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
             write_atomic(staging / META_NAME, lambda tmp: Path(tmp).write_text(text))
+            replaced = None
             if final.exists():  # the same step saved again (a resumed run re-reaching it)
-                shutil.rmtree(final)
+                # Renamed away whole, then removed: a kill during the removal leaves a staging folder (removed by the
+                # next save), never a step folder with its meta.json but not all its files.
+                replaced = self.directory / f"{STAGING_PREFIX}replaced-{final.name}"
+                os.replace(final, replaced)
             os.replace(staging, final)
+            if replaced is not None:
+                shutil.rmtree(replaced)
             for old in self.checkpoints()[: -self.keep_last]:
                 shutil.rmtree(old)
         self.barrier()

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moka_train.checkpoint_io import write_atomic
 from moka_train.data.caching import fill_feature_caches, open_caches
-from moka_train.data.collate import MultimodalCollator, batch_to_device
+from moka_train.data.collate import ON_OVERFLOW, MultimodalCollator, batch_to_device
 from moka_train.data.dataset import MultimodalDataset
 from moka_train.data.media import build_media_loader
 from moka_train.data.records import Record, check_media
@@ -74,10 +75,11 @@ logger = logging.getLogger("moka_train.train")
 STAGES = ("pretrain", "instruct")
 # Settings a resumed run may change: where and how it logs, how it loads data, when it saves or stops, what it
 # validates on (validation changes no weight), fault injection. model.architecture only feeds
-# scripts/adapter_costs.py (the weights come from model.backbone).
+# scripts/adapter_costs.py (the weights come from model.backbone). run_dir: a run started with run_dir=null
+# (a directory picked for it) resumes with run_dir=<that directory>.
 RESUMABLE_CHANGES = (
-    "resume", "logger", "loader.num_workers", "checkpoint", "stop_signals", "fault", "features.fill", "probe_media",
-    "model.architecture", "validation",
+    "resume", "run_dir", "logger", "loader.num_workers", "checkpoint", "stop_signals", "fault", "features.fill",
+    "probe_media", "model.architecture", "validation",
 )  # fmt: skip
 FAULT_EXIT_CODE = 17
 FAULT_SIGNAL_TARGETS = ("self", "group", "launcher")
@@ -118,20 +120,38 @@ def check_config(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if not _integer(value) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    if not isinstance(stage.drop_last, bool):
-        raise ValueError(f"stage.drop_last must be true or false, got {stage.drop_last!r}")
+    if not _integer(cfg.seed):
+        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+    switches = {
+        "stage.drop_last": stage.drop_last,
+        "stage.gradient_checkpointing": stage.gradient_checkpointing,
+        "features.fill": cfg.features.fill,
+        "blind": cfg.blind,
+        "probe_media": cfg.probe_media,
+    }
+    for key, value in switches.items():
+        if not isinstance(value, bool):  # a typo such as blind=flase is a non-empty string, which is truthy
+            raise ValueError(f"{key} must be true or false, got {value!r}")
     if stage.max_steps is not None and (not _integer(stage.max_steps) or stage.max_steps < 1):
         raise ValueError(f"stage.max_steps must be a positive integer or null, got {stage.max_steps!r}")
-    if not (isinstance(stage.lr, (int, float)) and stage.lr > 0):
+    if not (_number(stage.lr) and stage.lr > 0):
         raise ValueError(f"stage.lr must be a positive number, got {stage.lr!r}")
     if stage.schedule not in SCHEDULES:
         raise ValueError(f"stage.schedule must be one of {SCHEDULES}, got {stage.schedule!r}")
-    if not 0 <= stage.warmup_ratio < 1:
+    if not (_number(stage.warmup_ratio) and 0 <= stage.warmup_ratio < 1):
         raise ValueError(f"stage.warmup_ratio must be in [0, 1), got {stage.warmup_ratio!r}")
     if stage.precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"stage.precision must be fp32, bf16 or fp16, got {stage.precision!r}")
-    if stage.weight_decay < 0 or stage.gradient_clipping < 0:
-        raise ValueError("stage.weight_decay and stage.gradient_clipping must be >= 0")
+    for key in ("weight_decay", "gradient_clipping"):
+        if not (_number(stage[key]) and stage[key] >= 0):
+            raise ValueError(f"stage.{key} must be a number >= 0, got {stage[key]!r}")
+    loader = cfg.loader
+    if not _integer(loader.num_workers) or loader.num_workers < 0:
+        raise ValueError(f"loader.num_workers must be an integer >= 0, got {loader.num_workers!r}")
+    if loader.max_length is not None and (not _integer(loader.max_length) or loader.max_length < 1):
+        raise ValueError(f"loader.max_length must be a positive integer or null, got {loader.max_length!r}")
+    if loader.on_overflow not in ON_OVERFLOW:
+        raise ValueError(f"loader.on_overflow must be one of {ON_OVERFLOW}, got {loader.on_overflow!r}")
     if not _integer(cfg.checkpoint.every_steps) or cfg.checkpoint.every_steps < 0:
         raise ValueError(f"checkpoint.every_steps must be an integer >= 0, got {cfg.checkpoint.every_steps!r}")
     if cfg.on_nonfinite not in ("error", "skip"):
@@ -152,6 +172,11 @@ def check_config(cfg: DictConfig) -> None:
 def _integer(value: Any) -> bool:
     """An int from the config; YAML's true / false are bools, which Python counts as ints."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    """An int or float from the config, not a bool; NaN is none."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
 def check_validation_config(cfg: DictConfig) -> None:
@@ -208,8 +233,21 @@ def init_entries(init_from: Any) -> list[dict[str, Any]]:
 def pick_run_dir(cfg: DictConfig, ctx: DistributedContext) -> Path:
     chosen = cfg.run_dir
     if chosen is None and ctx.is_main:
-        chosen = f"outputs/{cfg.stage.name}-{datetime.now():%Y-%m-%d_%H-%M-%S}"
+        chosen = claim_new_directory(Path("outputs") / f"{cfg.stage.name}-{datetime.now():%Y-%m-%d_%H-%M-%S}")
     return Path(str(broadcast_object(chosen, ctx))).resolve()
+
+
+def claim_new_directory(base: Path) -> str:
+    """``base``, or ``base-1``, ``base-2``, ... : the first that did not exist, made here (``mkdir`` is atomic,
+    so two runs started in the same second never share a directory)."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    candidate, copies = base, itertools.count(1)
+    while True:
+        try:
+            candidate.mkdir()
+            return str(candidate)
+        except FileExistsError:
+            candidate = base.with_name(f"{base.name}-{next(copies)}")
 
 
 def setup_logging(run_dir: Path, ctx: DistributedContext) -> None:
@@ -493,9 +531,11 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
     best = None
     if data.validation is not None and cfg.validation.keep_best:
         settings = {"split": cfg.validation.split, "max_samples": cfg.validation.max_samples}
-        best = BestTrainables(run_dir, settings, resumed.get("best"), ctx.rank, ctx.barrier)
+        best = BestTrainables(run_dir, settings, resumed.get("best"), ctx.rank, ctx.barrier, manager.checkpoints)
         if checkpoint is None:
             best.clear()
+        else:
+            best.resume(checkpoint.parents[1])
     patience = cfg.validation.patience
     last_step = total_steps
     if best is not None and patience is not None and best.stale >= patience:
@@ -526,6 +566,8 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
             best=None if best is None else best.state(),
         )
         path = manager.save(step, meta, write)
+        if best is not None:
+            best.prune()  # the bests only the removed checkpoints recorded
         logger.info("saved %s", path)
         return path
 
@@ -589,7 +631,12 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
                 dropped = [sample_id for batch in micro_batches for sample_id in batch["dropped"]]
                 labels = sum(count_label_tokens(b["labels"]) for b in micro_batches)
                 global_labels = int(all_reduce_sum(torch.tensor([labels], dtype=torch.float64)).item())
-                loss_sum, tokens, skip = torch.zeros((), dtype=torch.float64), 0, False
+                # A step with no answer token on any rank (every sample over loader.max_length) has nothing to learn:
+                # AdamW would still move the weights on its momentum alone, so the step is skipped.
+                skip = global_labels == 0
+                if skip:
+                    logger.warning("step %d has no answer token on any rank: the weights are left as they are", step)
+                loss_sum, tokens = torch.zeros((), dtype=torch.float64), 0
                 for i, batch in enumerate(micro_batches):
                     last = i == len(micro_batches) - 1
                     with engine.micro_step(last=last):
@@ -678,9 +725,9 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
     logger.info("trainables for evaluation: %s", run_dir / "trainables")
     if best is not None and best.record is not None:
         logger.info(
-            "the lowest validation loss, %.4f, was at step %d: its trainables are in %s",
+            "the lowest validation loss, %.4f, was at step %d: %s",
             best.record["val_loss"],
             best.record["step"],
-            best.link,
+            f"its trainables are in {best.link}" if best.available else "its trainables were lost (see above)",
         )
     return run_dir
