@@ -563,6 +563,28 @@ def test_the_lowest_validation_loss_keeps_its_trainables_through_a_kill_and_resu
     assert_same_trainables(trainables(killed, "best/trainables"), trainables(whole, "best/trainables"))
 
 
+def test_a_stop_signal_on_a_validation_step_leaves_the_validation_to_the_resumed_run(
+    overshooting: tuple[Path, str], demo_root: Path, tmp_path: Path
+):
+    """SIGTERM right after the best step: the run saves and stops without validating, and the resumed run
+    validates that step first. Every step's val_loss, and the best, are the uninterrupted run's."""
+    whole, _ = overshooting
+    measured = validation_losses(whole)
+    lowest = min(measured, key=measured.get)
+    stopped = tmp_path / "stopped"
+    signal_at_lowest = (f"fault.signal_after_step={lowest}", "fault.signal_to=self")
+    output = train(stopped, demo_root, *OVERSHOOTING, *signal_at_lowest, expect=128 + signal.SIGTERM)
+    assert f"stopped after step {lowest} (SIGTERM)" in output
+    assert lowest not in validation_losses(stopped)
+    output = train(stopped, demo_root, *OVERSHOOTING, "resume=auto")
+    assert f"step {lowest}: its validation, skipped by the stop signal, runs now" in output
+    assert validation_losses(stopped) == pytest.approx(measured, rel=1e-5)
+    rows = read_metrics(stopped / "metrics.jsonl")
+    assert [row["step"] for row in rows] == list(range(1, 7)) and all("loss" in row for row in rows)
+    assert os.readlink(stopped / "best") == f"best_steps/step-{lowest:08d}"
+    assert_same_trainables(trainables(stopped, "best/trainables"), trainables(whole, "best/trainables"))
+
+
 def patience_runs_out(val_losses: dict[int, float], patience: int) -> int | None:
     """The step after which ``patience`` validations in a row have had no loss below the lowest before them."""
     lowest, since = math.inf, 0

@@ -548,7 +548,7 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
         )
         last_step = start_step
 
-    def save(step: int) -> Path:
+    def save(step: int, pending_validation: Mapping[str, float] | None = None) -> Path:
         def write(directory: Path) -> None:
             save_trainables(engine.module, directory / "trainables")
             engine.save_state(directory / "state", ctx.rank)
@@ -564,6 +564,9 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
             step_in_epoch=in_epoch,
             data_seed=plan.seed,
             best=None if best is None else best.state(),
+            # A stop signal on a step whose validation was due: the resumed run validates first (and logs the
+            # step's record again, with val_loss), so it keeps the best the uninterrupted run keeps.
+            pending_validation=None if pending_validation is None else dict(pending_validation),
         )
         path = manager.save(step, meta, write)
         if best is not None:
@@ -587,12 +590,13 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
         every = cfg.validation.every_steps
         when = f"every {every} steps and after the last" if every else "after the last step"
         logger.info("validation: %d samples of split %s, %s", len(data.validation), cfg.validation.split, when)
+    pending = resumed.get("pending_validation") if data.validation is not None else None
     run_log = RunLogger.from_config(
         OmegaConf.to_container(cfg.logger, resolve=True),
         run_dir,
         total_steps,
         config=config,
-        initial_step=start_step,
+        initial_step=start_step - 1 if pending is not None else start_step,  # step start_step is logged again
         rank=ctx.rank,
     )
 
@@ -612,6 +616,41 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
             # which they ignore.
             worker_init_fn=functools.partial(ignore_stop_signals, stop.signals),
         )
+
+    def validate(step: int, metrics: dict[str, float]) -> bool:
+        """The validation after ``step``, its results added to ``metrics``; whether validation.patience ran out."""
+        validation_started = time.monotonic()
+        metrics["val_loss"], label_tokens = validation_loss(engine, loader(data.validation, held_out), encoders)
+        metrics["val_time"] = time.monotonic() - validation_started
+        kept = best is not None and best.offer(step, metrics["val_loss"], write_best)
+        logger.info(
+            "step %d: validation loss %.4f (%d answer tokens, %.1f s)%s",
+            step,
+            metrics["val_loss"],
+            label_tokens,
+            metrics["val_time"],
+            f", the lowest so far: trainables kept in {best.link}" if kept else "",
+        )
+        return patience is not None and best.stale >= patience and step < total_steps
+
+    def log_early_stop(step: int) -> None:
+        logger.info(
+            "early stop after step %d of %d: no lower validation loss in %d validations (validation.patience=%d)",
+            step,
+            total_steps,
+            best.stale,
+            patience,
+        )
+
+    if pending is not None and last_step > start_step:
+        logger.info("step %d: its validation, skipped by the stop signal, runs now", start_step)
+        metrics = dict(pending)
+        early = validate(start_step, metrics)
+        run_log.log(start_step, metrics)
+        if early:
+            save(start_step)
+            log_early_stop(start_step)
+            last_step = start_step
 
     batches = iterate_loader(loader(dataset, sampler))
     failed, dropped_in_run, stopped = True, 0, None
@@ -669,39 +708,20 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
                     dropped_in_run += int(totals[2].item())
                 stopping = totals[3].item() > 0 and step < total_steps  # at the last step the run just ends
                 early = False  # validation.patience ran out
-                if data.validation is not None and not stopping and due(step, cfg.validation.every_steps, total_steps):
-                    validation_started = time.monotonic()
-                    val_batches = loader(data.validation, held_out)
-                    metrics["val_loss"], label_tokens = validation_loss(engine, val_batches, encoders)
-                    metrics["val_time"] = time.monotonic() - validation_started
-                    kept = best is not None and best.offer(step, metrics["val_loss"], write_best)
-                    early = patience is not None and best.stale >= patience and step < total_steps
-                    logger.info(
-                        "step %d: validation loss %.4f (%d answer tokens, %.1f s)%s",
-                        step,
-                        metrics["val_loss"],
-                        label_tokens,
-                        metrics["val_time"],
-                        f", the lowest so far: trainables kept in {best.link}" if kept else "",
-                    )
+                validation_due = data.validation is not None and due(step, cfg.validation.every_steps, total_steps)
+                if validation_due and not stopping:  # a stop signal leaves it to the resumed run
+                    early = validate(step, metrics)
                 run_log.log(step, metrics)
                 if cfg.fault.exit_after_step == step:
                     logger.warning("fault injection: exiting after step %d", step)
                     os._exit(FAULT_EXIT_CODE)
                 if due(step, cfg.checkpoint.every_steps, total_steps) or stopping or early:
-                    path = save(step)
+                    path = save(step, metrics if stopping and validation_due else None)
                 if stopping:
                     stopped = RunStoppedError(stop.received, step, path)
                     break
                 if early:
-                    logger.info(
-                        "early stop after step %d of %d: no lower validation loss in %d validations "
-                        "(validation.patience=%d)",
-                        step,
-                        total_steps,
-                        best.stale,
-                        patience,
-                    )
+                    log_early_stop(step)
                     break
         if stopped is None:
             save_trainables(engine.module, run_dir / "trainables")
