@@ -105,6 +105,9 @@ def test_chunked_prefill_is_refused():
     set_routing(model, ids, question)
     with pytest.raises(RoutingError, match="chunked prefill"):
         model(input_ids=prompt[:, half:], attention_mask=mask, use_cache=True, **{CACHE: getattr(out, CACHE)})
+    # generate's own chunked prefill fails on its first chunk, and says why
+    with pytest.raises(RoutingError, match="routing covers .*chunked prefill, e.g. generate's prefill_chunk_size"):
+        model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=2, do_sample=False, prefill_chunk_size=4)
 
 
 @pytest.mark.parametrize("keyword", ["cache", "past_key_values"])

@@ -320,7 +320,8 @@ class RoutingState:
         if length < bound_length:
             raise RoutingError(
                 f"routing covers {bound_length} positions but the input has {length}: modality_ids and "
-                "question_mask must have the shape of the prompt"
+                "question_mask must have the shape of the prompt (chunked prefill, e.g. generate's "
+                "prefill_chunk_size, is not supported: prefill the whole routed prompt at once)"
             )
         if batch % bound_batch:
             raise RoutingError(
