@@ -11,7 +11,8 @@ from moka_train.training.optimizer import build_adamw
 def reference_adamw(
     values: list[torch.Tensor], grads: list[list[torch.Tensor]], lr: float, weight_decay: float
 ) -> list[torch.Tensor]:
-    """Loshchilov & Hutter's AdamW with torch's defaults (betas 0.9 / 0.999, eps 1e-8), in float64."""
+    """Loshchilov & Hutter's AdamW with torch's defaults (betas 0.9 / 0.999, eps 1e-8), in float64; the decay on
+    matrices only (vectors: biases, norm gains)."""
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     params = [v.double().clone() for v in values]
     m = [torch.zeros_like(p) for p in params]
@@ -19,7 +20,8 @@ def reference_adamw(
     for t, step_grads in enumerate(grads, start=1):
         for i, g in enumerate(step_grads):
             g = g.double()
-            params[i] *= 1 - lr * weight_decay
+            if params[i].ndim >= 2:
+                params[i] *= 1 - lr * weight_decay
             m[i] = beta1 * m[i] + (1 - beta1) * g
             v[i] = beta2 * v[i] + (1 - beta2) * g * g
             m_hat, v_hat = m[i] / (1 - beta1**t), v[i] / (1 - beta2**t)
@@ -45,6 +47,18 @@ def test_fused_on_the_cpu_and_equal_to_the_written_out_update():
     for p, e, v in zip(params, expected, values, strict=True):
         assert not torch.equal(p.detach(), v)  # it moved
         torch.testing.assert_close(p.detach().double(), e, rtol=0, atol=2e-6)
+
+
+def test_weight_decay_spares_the_vectors():
+    """With zero gradients AdamW's step is the decay alone: a matrix shrinks by lr x weight_decay, a bias or a norm
+    gain stays."""
+    matrix, vector = torch.nn.Parameter(torch.ones(3, 4)), torch.nn.Parameter(torch.ones(4))
+    optimizer = build_adamw([matrix, vector], lr=0.1, weight_decay=0.5)
+    matrix.grad, vector.grad = torch.zeros(3, 4), torch.zeros(4)
+    optimizer.step()
+    assert torch.equal(matrix.detach(), torch.full((3, 4), 1 - 0.1 * 0.5))
+    assert torch.equal(vector.detach(), torch.ones(4))
+    assert len(build_adamw([matrix, vector], lr=0.1, weight_decay=0.0).param_groups) == 1  # the old layout
 
 
 def test_a_parameter_without_gradient_is_left_untouched():

@@ -21,11 +21,26 @@ from torch import Tensor
 FUSED_DEVICE_TYPES = ("cpu", "cuda")
 
 
+def decay_groups(parameters: Iterable[Tensor], weight_decay: float) -> list[dict]:
+    """Parameter groups for AdamW: weight decay on the matrices (and higher), none on the vectors (biases, norm
+    gains, DoRA's magnitudes), as nanoGPT and transformers' Trainer do: decaying a LayerNorm gain or a magnitude
+    pulls it towards zero, not towards the frozen model. Without decay, one group."""
+    parameters = list(parameters)
+    if weight_decay == 0:
+        return [{"params": parameters, "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
 def build_adamw(parameters: Iterable[Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """torch's AdamW over ``parameters`` (torch's betas and eps), fused when every tensor is a floating-point
-    tensor on a device type with the kernel, else torch's default implementation."""
+    """torch's AdamW over ``parameters`` (torch's betas and eps; ``weight_decay`` on the matrices only, see
+    ``decay_groups``), fused when every tensor is a floating-point tensor on a device type with the kernel, else
+    torch's default implementation."""
     parameters = list(parameters)
     if not parameters:
         raise ValueError("no trainable parameters to optimize")
     fused = all(p.is_floating_point() and p.device.type in FUSED_DEVICE_TYPES for p in parameters)
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    return torch.optim.AdamW(decay_groups(parameters, weight_decay), lr=lr, fused=fused or None)

@@ -64,7 +64,7 @@ from moka_train.training.distributed import (
 )
 from moka_train.training.engine import DeepSpeedEngine, Engine, TorchEngine
 from moka_train.training.guards import check_loss
-from moka_train.training.optimizer import build_adamw
+from moka_train.training.optimizer import build_adamw, decay_groups
 from moka_train.training.run_logger import RunLogger
 from moka_train.training.schedule import SCHEDULES, build_lr_scheduler
 from moka_train.training.stop_signals import StopSignals, ignore_stop_signals, iterate_loader, parse_stop_signals
@@ -434,7 +434,8 @@ def build_engine(
         # once on first use (about a minute of g++), rather than torch's AdamW looping over offloaded partitions.
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        optimizer = DeepSpeedCPUAdam(trainable, lr=cfg.stage.lr, weight_decay=cfg.stage.weight_decay, adamw_mode=True)
+        groups = decay_groups(trainable, cfg.stage.weight_decay)
+        optimizer = DeepSpeedCPUAdam(groups, lr=cfg.stage.lr, adamw_mode=True)
     else:
         optimizer = build_adamw(trainable, lr=cfg.stage.lr, weight_decay=cfg.stage.weight_decay)
     scheduler = build_lr_scheduler(optimizer, cfg.stage.schedule, total_steps, cfg.stage.warmup_ratio)
