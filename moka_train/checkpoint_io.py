@@ -43,11 +43,18 @@ def is_writer() -> bool:
 
 
 def write_atomic(path: Path, write: Callable[[str], object]) -> None:
-    """``write(tmp_path)`` beside ``path``, then rename: a kill mid-save never leaves a truncated file."""
+    """``write(tmp_path)`` beside ``path``, flushed to disk, then rename: a kill mid-save never leaves a truncated
+    file, and neither does a machine crash right after (without the flush a file system may commit the rename
+    before the data, leaving an empty file under the final name)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -3,6 +3,7 @@ explicit resume refused across configurations, and RNG states that replay the sa
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -113,3 +114,25 @@ def test_rng_states_replay_the_same_draws(tmp_path):
     assert [draws() for _ in range(3)] == expected
     with pytest.raises(FileNotFoundError, match="rank-00001.pt is missing"):
         load_rng(tmp_path, rank=1)
+
+
+def test_write_atomic_flushes_the_data_before_the_rename(tmp_path, monkeypatch):
+    """The rename may reach the disk before the data does: the file is fsynced first, then renamed."""
+    import moka_train.checkpoint_io as checkpoint_io
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".meta.json.")))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace", Path(target).name))
+        real_replace(source, target)
+
+    monkeypatch.setattr(checkpoint_io.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint_io.os, "replace", replace)
+    checkpoint_io.write_atomic(tmp_path / "meta.json", lambda tmp: Path(tmp).write_text("{}"))
+    assert events == [("fsync", True), ("replace", "meta.json")]
+    assert (tmp_path / "meta.json").read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == ["meta.json"]
