@@ -1,7 +1,9 @@
 """Tiny trained runs on the synthetic demo set, shared by the evaluation, inference and analysis tests: one
-training step, then every adapter B made random and saved. After one step the B's are still near their zero init,
-so the answers would hardly depend on the adapter path or on MokA's question keys; one step at a large learning
-rate instead makes the tiny model give one answer to every question."""
+training step, then every adapter B made random and saved. The step runs the whole training app and writes a real
+run directory, but its learning rate is 0 (the demo's warmup covers the first step, as transformers' schedules
+do), so the weights are the initial ones; the B's are made random because at their zero init the answers would
+not depend on the adapter path or on MokA's question keys (and one step at a large learning rate instead makes
+the tiny model give one answer to every question)."""
 
 from __future__ import annotations
 
