@@ -176,3 +176,24 @@ def test_bad_settings_are_refused(trained, tmp_path):
     command = [sys.executable, str(EVALUATE), f"run_dir={empty}"]
     returncode, output = run(command)
     assert returncode == 2 and "evaluate.py: error:" in output and "Traceback" not in output, output
+
+
+@pytest.mark.parametrize(
+    ("overrides", "split"),
+    [
+        ([], "test"),  # the run's own data: its held-out split, not the one it trained on
+        (["data=pope"], "all"),  # a benchmark preset keeps the split its benchmark is scored on
+        (["data=mmbench"], "DEV_EN_legacy"),
+        (["data=mmau"], "test-mini"),
+        (["data=mmau", "split=test"], "test"),  # an explicit split wins
+    ],
+)
+def test_the_evaluated_split(tmp_path, overrides, split):
+    from moka_train.evaluation.runner import run_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    trained = {"data": {"builder": {"split": "train"}}, "stage": {}, "features": {}, "probe_media": False}
+    OmegaConf.save(OmegaConf.create(trained), run_dir / "config.yaml")
+    cfg = compose_config("evaluate", [f"run_dir={run_dir}", *overrides])
+    assert run_config(cfg, run_dir).data.builder.split == split

@@ -146,8 +146,11 @@ def run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
     if cfg.get("data") is not None:
         run_cfg.data = cfg.data
-    if cfg.split is not None:
-        run_cfg.data.builder.split = cfg.split
+    split = cfg.split
+    if split is None and cfg.get("data") is None:
+        split = "test"  # the run's own data section names the split it trained on
+    if split is not None:  # otherwise the named preset's split: the one its benchmark is scored on
+        run_cfg.data.builder.split = split
     if cfg.features is not None:
         run_cfg.features = OmegaConf.merge(run_cfg.features, cfg.features)
     run_cfg.stage.init_from = None  # the trainables below hold everything trained

@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from moka_train.evaluation.scoring import ADAPTER_PATH_FILE, SCORE_FILE
+from moka_train.training.best import STEPS_DIR as BEST_STEPS_DIR
 
 PAPER_NUMBERS = "paper_numbers.csv"
 PAPER_COLUMNS = ("table", "backbone", "benchmark", "method", "adapter", "metric", "value")
@@ -311,12 +312,22 @@ def find_config(folder: Path, runs_dir: Path) -> Path | None:
     return None
 
 
+def training_run(config_path: Path) -> Path:
+    """The config.yaml of the training run ``config_path`` belongs to: a best step's folder
+    (``<run_dir>/best_steps/step-N/``, validation.keep_best) holds a copy of its run's config.yaml."""
+    step_folder = config_path.parent
+    if step_folder.parent.name == BEST_STEPS_DIR and (step_folder.parent.parent / CONFIG_FILE).is_file():
+        return step_folder.parent.parent / CONFIG_FILE
+    return config_path
+
+
 def find_runs(runs_dir: Path, mode: str) -> tuple[list[Run], list[Ignored]]:
     """Every score.json under ``runs_dir`` as a run with its cell, or as ignored with the reason. RunsError: the
     folder is missing, holds no score.json, or a score.json / config.yaml cannot be read."""
     if not runs_dir.is_dir():
         raise RunsError(f"{runs_dir}: {'not a folder' if runs_dir.exists() else 'no such folder'}")
-    score_files = sorted(runs_dir.rglob(SCORE_FILE))
+    # A run's last step before its best step (evaluate.py run_dir=<run_dir>/best): the tables count the last.
+    score_files = sorted(runs_dir.rglob(SCORE_FILE), key=lambda path: (BEST_STEPS_DIR in path.parts, path))
     if not score_files:
         raise RunsError(
             f"{runs_dir}: no {SCORE_FILE} found; expected evaluated runs: a run folder with {CONFIG_FILE} (written "
@@ -342,7 +353,7 @@ def find_runs(runs_dir: Path, mode: str) -> tuple[list[Run], list[Ignored]]:
             ignored.append(Ignored(folder, str(reason)))
             continue
         # One trained run scored twice on a benchmark is not two seeds: the first is counted, the other listed.
-        first = counted.setdefault((config_path, benchmark), folder)
+        first = counted.setdefault((training_run(config_path), benchmark), folder)
         if first != folder:
             ignored.append(Ignored(folder, f"a second {benchmark} score of the run {first} already counted"))
             continue
