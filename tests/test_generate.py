@@ -63,9 +63,9 @@ def predict(setup, **kwargs) -> list[dict]:
     return generate_predictions(model, dataset, collator, max_new_tokens=NEW_TOKENS, progress=False, **kwargs)
 
 
-def stepwise_greedy(model, collator, sample) -> str:
+def stepwise_greedy(model, collator, sample, stop: tuple[int, ...] = ()) -> str:
     """Greedy decoding by hand: the sample alone (no padding), one full forward per new token, the argmax at
-    the last position appended as its embedding; stops at EOS."""
+    the last position appended as its embedding; stops at EOS or an id of ``stop``."""
     tokenizer = collator.tokenizer
     batch = collator([sample])
     tokens: list[int] = []
@@ -73,7 +73,7 @@ def stepwise_greedy(model, collator, sample) -> str:
         embeds, _ = model.prepare(batch)
         for _ in range(NEW_TOKENS):
             token = int(model.llm(inputs_embeds=embeds).logits[0, -1].argmax())
-            if token == tokenizer.eos_token_id:
+            if token == tokenizer.eos_token_id or token in stop:
                 break
             tokens.append(token)
             embeds = torch.cat([embeds, model.embed(torch.tensor([[token]]))], dim=1)
@@ -220,3 +220,27 @@ def test_accuracy_table_shows_the_numbers():
     assert next(line for line in lines if line.startswith("Visual/Location")).split()[-1] == "-"
     assert lines[-1].split() == ["overall", "57.14%", "4", "7", "30.00%"]
     assert "chance" not in format_accuracy_table(results)
+
+
+def test_generation_stops_at_the_checkpoints_end_of_turn_id_too(setup):
+    """An instruct checkpoint lists its end-of-turn id beside the end of text (LLaMA-3: <|eot_id|>,
+    <|end_of_text|>) while its tokenizer may name only one as EOS. Here the third token the model would write
+    for the first question is made such an id: the answer must end before it, as the hand decoding says."""
+    model, dataset, collator = setup
+    tokenizer = collator.tokenizer
+    batch = collator([dataset[0]])
+    with torch.no_grad():
+        embeds, _ = model.prepare(batch)
+        for _ in range(3):
+            token = int(model.llm(inputs_embeds=embeds).logits[0, -1].argmax())
+            embeds = torch.cat([embeds, model.embed(torch.tensor([[token]]))], dim=1)
+    assert token != tokenizer.eos_token_id
+    config = model.llm.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = [tokenizer.eos_token_id, token]
+    try:
+        got = predict(setup)[0]["prediction"]
+    finally:
+        config.eos_token_id = saved
+    assert got == stepwise_greedy(model, collator, dataset[0], stop=(token,))
+    assert got != predict(setup)[0]["prediction"]  # without the end-of-turn id it runs on

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from moka_train.checkpoint_io import write_atomic
@@ -89,6 +89,26 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu") if parameter is None else parameter.device
 
 
+def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """The ids generation stops at: the backbone checkpoint's own (an instruct model's end-of-turn id among them,
+    e.g. LLaMA-3's <|eot_id|> beside <|end_of_text|>) and the tokenizer's EOS. The tokenizer's alone misses the
+    end of turn where it names the end of text, and answers would run on to max_new_tokens."""
+    llm = getattr(model, "llm", model)
+    configured = getattr(getattr(llm, "generation_config", None), "eos_token_id", None)
+    ids = [] if configured is None else [configured] if isinstance(configured, int) else [int(i) for i in configured]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+def until_stop(new_tokens: Tensor, stop_ids: Sequence[int]) -> list[list[int]]:
+    """Each row's tokens before its first stop id: a stop id that is no special token (which decoding would
+    skip) stays out of the answer too."""
+    stops = torch.isin(new_tokens, torch.tensor(list(stop_ids), dtype=new_tokens.dtype))
+    ends = torch.where(stops.any(-1), stops.int().argmax(-1), new_tokens.shape[-1])
+    return [row[:end].tolist() for row, end in zip(new_tokens, ends.tolist(), strict=True)]
+
+
 def generate_predictions(
     model: nn.Module,
     dataset: Any,
@@ -104,11 +124,11 @@ def generate_predictions(
     ``inference=True``), in dataset order; see the module docstring for the fields.
 
     ``collator`` must pad on the left (``padding_side="left"``) and its tokenizer decodes the answers
-    (``skip_special_tokens=True``, stripped). EOS and pad ids are the tokenizer's; ``generation_kwargs`` go to
-    ``MultimodalLM.generate`` (e.g. ``num_beams``) and override them. The model runs in eval mode under
-    ``torch.no_grad`` and gets its training mode back afterwards. Under ZeRO-3 every forward gathers
-    parameters from all ranks, so a rank whose shard needs fewer batches runs filler batches (one sample,
-    results discarded) until every rank has made the same number of ``generate`` calls.
+    (``skip_special_tokens=True``, stripped). Generation stops at ``stop_token_ids`` and pads with the tokenizer's
+    pad id; ``generation_kwargs`` go to ``MultimodalLM.generate`` (e.g. ``num_beams``) and override them. The
+    model runs in eval mode under ``torch.no_grad`` and gets its training mode back afterwards. Under ZeRO-3
+    every forward gathers parameters from all ranks, so a rank whose shard needs fewer batches runs filler
+    batches (one sample, results discarded) until every rank has made the same number of ``generate`` calls.
     """
     check_inference_inputs(dataset, batch_size, "generate_predictions")
     if generation_kwargs.get("num_return_sequences", 1) != 1:
@@ -129,7 +149,7 @@ def generate_predictions(
     tokenizer = collator.tokenizer
     settings = {
         "max_new_tokens": max_new_tokens,
-        "eos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": stop_token_ids(model, tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
         **generation_kwargs,
     }
@@ -150,7 +170,9 @@ def generate_predictions(
                     batch = collator(kept or [_filler(dataset, indices, collator)])
                     new_tokens = model.generate(batch_to_device(batch, device), **settings)
                     if kept:
-                        answers = tokenizer.batch_decode(new_tokens.cpu(), skip_special_tokens=True)
+                        answers = tokenizer.batch_decode(
+                            until_stop(new_tokens.cpu(), settings["eos_token_id"]), skip_special_tokens=True
+                        )
                 answer = iter(answers)
                 for index, sample, fit in zip(chunk, samples, fits, strict=True):
                     record = records[index] if records is not None else sample
