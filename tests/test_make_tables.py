@@ -323,6 +323,9 @@ def test_a_runs_best_step_is_not_counted_as_another_seed(tmp_path, preset_config
     assert [(r.folder, r.score) for r in found] == [(run / "eval/mme/test", 950.0)]
     assert [i.folder for i in ignored] == [run / "best_steps/step-00000003/eval/mme/test"]
     assert "a second mme score of the run" in ignored[0].reason
+    from moka_train.training.best import STEPS_DIR
+
+    assert tables.BEST_STEPS_DIR == STEPS_DIR
 
 
 def test_each_table_has_a_png_bar_chart(official):

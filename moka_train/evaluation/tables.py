@@ -35,9 +35,9 @@ from typing import Any
 import yaml
 
 from moka_train.evaluation.scoring import ADAPTER_PATH_FILE, SCORE_FILE
-from moka_train.training.best import STEPS_DIR as BEST_STEPS_DIR
 
 PAPER_NUMBERS = "paper_numbers.csv"
+BEST_STEPS_DIR = "best_steps"  # training/best.py's STEPS_DIR, not imported: that would load torch for the tables
 PAPER_COLUMNS = ("table", "backbone", "benchmark", "method", "adapter", "metric", "value")
 CONFIG_FILE = "config.yaml"  # scripts/train.py, the run's resolved config, in its run_dir
 MISSING = "—"  # a cell the paper reports and we have no run for
