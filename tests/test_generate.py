@@ -244,3 +244,10 @@ def test_generation_stops_at_the_checkpoints_end_of_turn_id_too(setup):
         config.eos_token_id = saved
     assert got == stepwise_greedy(model, collator, dataset[0], stop=(token,))
     assert got != predict(setup)[0]["prediction"]  # without the end-of-turn id it runs on
+
+
+def test_a_single_stop_id_may_be_given(setup):
+    """``eos_token_id`` in the generation settings overrides the stop ids, as one id or a list."""
+    _, _, collator = setup
+    eos = collator.tokenizer.eos_token_id
+    assert predict(setup, eos_token_id=eos) == predict(setup, eos_token_id=[eos]) == predict(setup)

@@ -105,8 +105,8 @@ def fill_feature_caches(
                     distinct.setdefault(media_key(ref), ref)
         # Shard all the items, cached or not, then drop the cached ones: ranks that open the cache at different
         # times (one already wrote a shard) still split the items the same way, and every item has an owner.
-        share = list(distinct.values())[rank::world_size]
-        mine = caches[name].missing(share)
+        share = list(distinct.items())[rank::world_size]
+        mine = [ref for key, ref in share if key not in caches[name]]  # keys computed once (each stats its file)
         report.already_cached += len(share) - len(mine)
         encoder = encoders[name]
         with caches[name].writer() as writer:

@@ -101,10 +101,11 @@ def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     return ids
 
 
-def until_stop(new_tokens: Tensor, stop_ids: Sequence[int]) -> list[list[int]]:
-    """Each row's tokens before its first stop id: a stop id that is no special token (which decoding would
-    skip) stays out of the answer too."""
-    stops = torch.isin(new_tokens, torch.tensor(list(stop_ids), dtype=new_tokens.dtype))
+def until_stop(new_tokens: Tensor, stop_ids: int | Sequence[int]) -> list[list[int]]:
+    """Each row's tokens before its first stop id (``generate``'s ``eos_token_id``: one id or several): a stop id
+    that is no special token (which decoding would skip) stays out of the answer too."""
+    ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
+    stops = torch.isin(new_tokens, torch.tensor(ids, dtype=new_tokens.dtype))
     ends = torch.where(stops.any(-1), stops.int().argmax(-1), new_tokens.shape[-1])
     return [row[:end].tolist() for row, end in zip(new_tokens, ends.tolist(), strict=True)]
 

@@ -137,19 +137,15 @@ class BestTrainables:
         checkpoint (call it after each checkpoint save)."""
         if self.rank != 0 or not self.directory.is_dir():
             return
-        keep = {path.name for path in self.checkpoints_bests()} | ({self.kept.name} if self.kept else set())
+        keep = self.recorded_by_checkpoints() | ({self.kept.name} if self.kept else set())
         for other in self.directory.iterdir():
             if other.name not in keep and not other.name.startswith("."):
                 shutil.rmtree(other)
 
-    def checkpoints_bests(self) -> list[Path]:
-        """The best directories the kept checkpoints record."""
-        found = []
-        for checkpoint in self.checkpoints():
-            best = read_meta(checkpoint).get("best") or {}
-            if best.get("record") is not None:
-                found.append(self.directory / _name(best["record"]))
-        return found
+    def recorded_by_checkpoints(self) -> set[str]:
+        """The names of the best directories the kept checkpoints record."""
+        records = ((read_meta(checkpoint).get("best") or {}).get("record") for checkpoint in self.checkpoints())
+        return {_name(record) for record in records if record is not None}
 
     def improves(self, val_loss: float) -> bool:
         """Strictly lower than the best so far (a NaN loss, from a split with no answer token, never is)."""
