@@ -28,7 +28,7 @@ def test_skip_policy_warns_and_skips(caplog):
     with caplog.at_level(logging.WARNING):
         assert not check_loss(torch.tensor(float("nan")), step=4, sample_ids=["x"], on_nonfinite="skip")
     assert "skipping the step: non-finite loss at step 4" in caplog.text
-    with pytest.raises(ValueError, match="train.on_nonfinite must be one of"):
+    with pytest.raises(ValueError, match="on_nonfinite must be one of"):
         check_loss(torch.tensor(1.0), step=1, sample_ids=[], on_nonfinite="ignore")
 
 
@@ -135,3 +135,66 @@ def test_a_step_with_no_answer_token_leaves_the_weights_as_they_are(tmp_path):
         final = load_file(run_dir / "trainables" / name)
         assert sorted(final) == sorted(after_step_1)
         assert all(torch.equal(final[k], after_step_1[k]) for k in final), name
+
+
+def _plain_engine(clipping: float):
+    from moka_train.training.engine import TorchEngine
+    from moka_train.training.schedule import build_lr_scheduler
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = build_lr_scheduler(optimizer, "cosine", 4, 0.0)
+    engine = TorchEngine(model, optimizer, scheduler, torch.device("cpu"), 1, "fp32", clipping)
+    return model, optimizer, engine
+
+
+@pytest.mark.parametrize("clipping", [0.0, 1e-3])
+def test_the_plain_engine_reports_the_gradient_norm_before_clipping(clipping):
+    """The norm of all gradients together, by hand: sqrt of the sum of every element's square."""
+    model, _, engine = _plain_engine(clipping)
+    model(torch.randn(5, 3)).square().sum().backward()
+    expected = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
+    before = [p.detach().clone() for p in model.parameters()]
+    result = engine.step()
+    assert result.applied and not result.nonfinite_gradients
+    assert result.grad_norm == pytest.approx(expected, rel=1e-6)
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("clipping", [0.0, 1.0])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_the_plain_engine_never_applies_nonfinite_gradients(clipping, value):
+    """One gradient element NaN or inf behind a finite loss: the weights and AdamW's moments stay as they were,
+    the schedule advances, and the next finite step applies as usual."""
+    model, optimizer, engine = _plain_engine(clipping)
+    model(torch.randn(5, 3)).square().sum().backward()
+    engine.step()
+    state = {k: v.clone() for k, v in optimizer.state[model[0].weight].items()}
+    weights = [p.detach().clone() for p in model.parameters()]
+    lr = engine.lr()
+
+    loss = model(torch.randn(5, 3)).square().sum()
+    loss.backward()
+    model[1].bias.grad[0] = value
+    result = engine.step()
+    assert math.isfinite(loss.item()) and not result.applied and result.nonfinite_gradients
+    assert not math.isfinite(result.grad_norm)
+    assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters(), strict=True))
+    assert all(torch.equal(v, optimizer.state[model[0].weight][k]) for k, v in state.items())
+    assert engine.lr() < lr  # cosine: the schedule went on
+    assert all(p.grad is None for p in model.parameters())
+
+    model(torch.randn(5, 3)).square().sum().backward()
+    assert engine.step().applied
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nonfinite_gradients_stop_the_run_or_are_skipped(caplog):
+    from moka_train.training.guards import NonFiniteGradientsError, report_nonfinite_gradients
+
+    with pytest.raises(NonFiniteGradientsError, match=r"non-finite gradients at step 5 .*norm nan.*\['q1'\]"):
+        report_nonfinite_gradients(5, float("nan"), ["q1"])
+    with caplog.at_level(logging.WARNING):
+        report_nonfinite_gradients(6, None, ["q2"], on_nonfinite="skip")
+    assert "skipped the step: non-finite gradients at step 6" in caplog.text

@@ -111,6 +111,11 @@ def losses(run_dir: Path) -> list[float]:
     return [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
 
 
+def grad_norms(run_dir: Path) -> list[float]:
+    """The logged global gradient norms, before clipping."""
+    return [row["grad_norm"] for row in read_metrics(run_dir / "metrics.jsonl")]
+
+
 # A validation loss after the last step, over 5 samples of the val split: 1 micro-batch in the reference; on 2 ranks
 # with 2 per micro-batch, rank 1 has one fewer than rank 0 and runs a filler (ZeRO-3 would hang without it).
 VALIDATE = ("validation.split=val", "validation.max_samples=5")
@@ -197,6 +202,7 @@ def test_deepspeed_matches_one_process(preset: str, reference: Path, demo_root: 
     assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-6)
     assert token_counts(run_dir) == token_counts(reference)
     assert validation_losses(run_dir) == pytest.approx(validation_losses(reference), rel=1e-6)
+    assert grad_norms(run_dir) == pytest.approx(grad_norms(reference), rel=1e-5)
     assert_same_trainables(trainables(run_dir), trainables(reference), ATOL_LAYOUTS)
     # The one validation, after the last step, kept its trainables as the best: saved by every rank (gathered).
     assert_same_trainables(trainables(run_dir, "best/trainables"), trainables(run_dir), atol=0)
@@ -440,6 +446,43 @@ def test_deepspeed_skips_a_nonfinite_step_like_one_process(
     assert_step_2_skipped(run_dir)
     assert losses(run_dir) == pytest.approx(losses(skipped_reference), rel=1e-6)
     assert_same_trainables(trainables(run_dir), trainables(skipped_reference), ATOL_LAYOUTS)
+
+
+# Step 2's gradients on rank 0 get a NaN in one parameter (its loss stays finite), after the step's earlier
+# micro-batches were back-propagated.
+GRADIENT_AT_2 = ("fault.nonfinite_gradient_at_step=2", "checkpoint.every_steps=1", "checkpoint.keep_last=4",
+                 "stage.gradient_clipping=0")  # fmt: skip
+
+
+@pytest.mark.parametrize("preset, nproc", [("none", 1), ("zero2", 2)])
+def test_nonfinite_gradients_behind_a_finite_loss_are_skipped(
+    preset: str, nproc: int, skipped_reference: Path, demo_root: Path, tmp_path: Path
+):
+    """No clipping, so nothing else looks at the gradient norm. One process: the plain engine must not apply the
+    NaN (it used to, and every later loss was NaN). ZeRO-2 on two ranks: the NaN sits in one rank's gradient
+    partition; DeepSpeed's overflow check skips the update on both, and the schedule must still advance. Either
+    way the run ends as the reference whose step 2 was skipped for its loss, and step 2's finite loss is logged."""
+    run_dir = tmp_path / "run"
+    output = train(run_dir, demo_root, f"deepspeed={preset}", "on_nonfinite=skip", *GRADIENT_AT_2, nproc=nproc)
+    assert "skipped the step: non-finite gradients at step 2 behind a finite loss" in output
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["lr"] for r in rows] == pytest.approx(COSINE_RATES)
+    assert math.isfinite(rows[1]["loss"]) and rows[1].get("grad_norm") is None  # inf or NaN: null in the file
+    assert all(r["grad_norm"] > 0 for r in rows if r["step"] != 2)
+    step = {s: trainables(run_dir, f"checkpoints/step-{s:08d}/trainables") for s in (1, 2)}
+    assert_same_trainables(step[2], step[1], 0)
+    reference_losses = losses(skipped_reference)
+    assert [r["loss"] for r in rows if r["step"] != 2] == pytest.approx(reference_losses, rel=1e-6)
+    assert_same_trainables(trainables(run_dir), trainables(skipped_reference), ATOL if nproc == 1 else ATOL_LAYOUTS)
+
+
+def test_nonfinite_gradients_stop_every_rank_naming_the_step(demo_root: Path, tmp_path: Path):
+    """on_nonfinite=error (the default), ZeRO-2 with clipping: both ranks stop after step 2, naming it, where
+    DeepSpeed alone would skip the update and go on without a word."""
+    output = train(tmp_path / "run", demo_root, "deepspeed=zero2", "fault.nonfinite_gradient_at_step=2", nproc=2,
+                   expect=1)  # fmt: skip
+    assert output.count("NonFiniteGradientsError: non-finite gradients at step 2 behind a finite loss") == 2, output
+    assert "samples on this rank: [" in output
 
 
 def test_bf16_with_gradient_checkpointing_trains_the_adapter(demo_root: Path, tmp_path: Path):

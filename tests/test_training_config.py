@@ -97,6 +97,27 @@ def test_conflicts_and_refused_blocks_name_the_key(tmp_path):
         load_deepspeed_config(tmp_path / "bad.json")
 
 
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"zero_optimization": {"stage": 0}}, "zero_optimization.stage is 0"),
+        ({"zero_optimization": None}, "zero_optimization.stage is 0"),  # DeepSpeed's default stage
+        ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, "zero_optimization.compute_grad_norm"),
+        ({"bf16": {"check_grad_overflow": False}}, "bf16.check_grad_overflow is false"),
+    ],
+)
+def test_settings_that_hide_nonfinite_gradients_are_refused(change, key):
+    """on_nonfinite rests on DeepSpeed's own check of the gradient norm: a file that turns it off is refused."""
+    settings = dict(
+        micro_batch_size=4, gradient_accumulation_steps=1, world_size=2, precision="bf16", gradient_clipping=0.0
+    )
+    with pytest.raises(ValueError, match=rf"{key}.*lets NaN or inf gradients reach the weights unseen"):
+        resolve_deepspeed_config({**load_deepspeed_config("zero2"), **change}, **settings)
+    # Stated the way DeepSpeed's defaults are, the file is accepted.
+    fine = {"zero_optimization": {"stage": 1, "compute_grad_norm": True}, "bf16": {"check_grad_overflow": True}}
+    assert resolve_deepspeed_config({**load_deepspeed_config("zero2"), **fine}, **settings)["bf16"]["enabled"]
+
+
 def test_engine_runs_our_schedule_and_clipping():
     """A real DeepSpeed engine keeps the scheduler we hand it and the clipping we resolved."""
     pytest.importorskip("deepspeed")

@@ -7,7 +7,9 @@ filled in here: the batch sizes, the precision and the gradient clipping. A file
 or absent; a concrete value that disagrees with ours is an error naming the key, not a silent winner.
 Optimizer and scheduler blocks are refused: our optimizer and learning-rate schedule are handed to the
 engine, so a ``WarmupDecayLR`` in a JSON cannot replace the configured schedule (the official code's bug),
-and DeepSpeed's fused optimizers (JIT-compiled) are not needed.
+and DeepSpeed's fused optimizers (JIT-compiled) are not needed. So are the settings that would let non-finite
+gradients reach the weights unseen: DeepSpeed's ZeRO optimizers skip a step whose gradient norm is NaN or inf
+(every rank alike) unless told not to, and ``on_nonfinite`` rests on that check.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ AUTO = "auto"
 _REFUSED = {
     "scheduler": "the learning-rate schedule comes from the training config (schedule, warmup_ratio)",
     "optimizer": "the optimizer comes from the training config (lr, weight_decay, betas)",
+}
+# What turns off DeepSpeed's check for non-finite gradients, and what to do instead.
+_UNCHECKED = {
+    "zero_optimization.stage": "ZeRO stage 0 has no ZeRO optimizer to check them: use deepspeed=none for plain DDP",
+    "zero_optimization.compute_grad_norm": "ZeRO-1/2 find a NaN in fp32 through the gradient norm: remove the key",
+    "bf16.check_grad_overflow": "remove the key",
 }
 
 
@@ -69,6 +77,18 @@ def resolve_deepspeed_config(
     for key, reason in _REFUSED.items():
         if key in config:
             raise ValueError(f"{source} has a {key!r} block; remove it: {reason}")
+    zero = config.get("zero_optimization") or {}
+    settings = {
+        "zero_optimization.stage": zero.get("stage", 0),  # DeepSpeed's default
+        "zero_optimization.compute_grad_norm": zero.get("compute_grad_norm", True),
+        "bf16.check_grad_overflow": (config.get("bf16") or {}).get("check_grad_overflow", True),
+    }
+    for key, value in settings.items():
+        if value is False or (type(value) is int and value == 0):
+            raise ValueError(
+                f"{source}: {key} is {json.dumps(value)}, which lets NaN or inf gradients reach the weights unseen "
+                f"(on_nonfinite relies on DeepSpeed's check); {_UNCHECKED[key]}"
+            )
     resolved = copy.deepcopy(config)
     _fill(resolved, "train_micro_batch_size_per_gpu", int(micro_batch_size), source)
     _fill(resolved, "gradient_accumulation_steps", int(gradient_accumulation_steps), source)

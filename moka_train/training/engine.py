@@ -10,12 +10,19 @@ The loss contract: the training loop passes each micro-batch's loss as ``summed 
 global label count``. The update must use the sum of those over ranks and micro-batches, so each engine undoes
 its own averaging: DDP and DeepSpeed average gradients over ranks (x world size), and DeepSpeed divides by the
 accumulation steps unless told not to.
+
+Non-finite gradients (an overflow in the backward pass behind a finite loss) are never applied: the plain engine
+checks the global gradient norm before its optimizer step; DeepSpeed's ZeRO optimizers check it themselves, over
+all ranks, and skip the whole step (``resolve_deepspeed_config`` refuses the settings that turn that check off).
+``step`` reports it, and the training loop stops or goes on as ``on_nonfinite`` says.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,24 @@ from moka_train.models.mllm import MultimodalLM, MultimodalOutput
 from moka_train.models.trainables import load_trainables
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What an optimizer step did. ``grad_norm``: the global gradient norm before clipping (None when the step was
+    skipped before its backward, or the engine computed none); ``nonfinite_gradients``: the gradients held a NaN
+    or inf, so the weights were left as they were."""
+
+    applied: bool
+    grad_norm: float | None = None
+    nonfinite_gradients: bool = False
+
+
+def global_grad_norm(gradients: list[Tensor]) -> Tensor:
+    """The L2 norm of all ``gradients`` together (what ``clip_grad_norm_`` returns), without scaling them."""
+    if not gradients:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in gradients]))
 
 
 class TorchEngine:
@@ -78,13 +103,23 @@ class TorchEngine:
         if not skip:  # a skipped step's gradients are never applied: no need to compute them
             (loss * self.world_size).backward()
 
-    def step(self, skip: bool = False) -> None:
+    def step(self, skip: bool = False) -> StepResult:
+        """Apply the step's gradients, unless ``skip`` or they are not finite; the schedule steps either way. Under
+        DDP every rank holds the same all-reduced gradients, so every rank decides alike without a collective."""
+        result = StepResult(applied=False)
         if not skip:
             if self.gradient_clipping > 0:
-                torch.nn.utils.clip_grad_norm_(self.trainable, self.gradient_clipping)
-            self.optimizer.step()
+                norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.gradient_clipping)
+            else:
+                norm = global_grad_norm([p.grad for p in self.trainable if p.grad is not None])
+            grad_norm = float(norm)
+            finite = math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.step()
+            result = StepResult(applied=finite, grad_norm=grad_norm, nonfinite_gradients=not finite)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return result
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -158,13 +193,21 @@ class DeepSpeedEngine:
         # step) only at the accumulation boundary.
         self.engine.step()
 
-    def step(self, skip: bool = False) -> None:
-        # Nothing left to apply: the last micro-batch's engine.step() did. A skipped step's non-finite
-        # gradients may have made DeepSpeed declare an overflow, in which case it left the schedule alone; the
-        # schedule steps on a skipped step, as the plain engine's does.
-        if skip and not self.engine.was_step_applied():
+    def step(self, skip: bool = False) -> StepResult:
+        # Nothing left to apply: the last micro-batch's engine.step() did. Gradients with a NaN or inf (a skipped
+        # step's, or a finite loss's) make DeepSpeed declare an overflow and skip the update, leaving the schedule
+        # alone: the schedule steps anyway, as the plain engine's does. Under fp16 an overflow is the loss
+        # scaler's business (it lowers the scale and goes on), not a fault.
+        applied = self.engine.was_step_applied()
+        if not applied:
             self.scheduler.step()
         self._skipping = False
+        if skip:
+            return StepResult(applied=False)
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = None if norm is None else float(norm)
+        nonfinite = not applied and not self.engine.fp16_enabled()
+        return StepResult(applied=applied, grad_norm=grad_norm, nonfinite_gradients=nonfinite)
 
     def _withhold_gradients_when_skipping(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         if self._skipping:

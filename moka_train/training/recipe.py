@@ -63,7 +63,7 @@ from moka_train.training.distributed import (
     shutdown_distributed,
 )
 from moka_train.training.engine import DeepSpeedEngine, Engine, TorchEngine
-from moka_train.training.guards import check_loss
+from moka_train.training.guards import check_loss, report_nonfinite_gradients
 from moka_train.training.optimizer import build_adamw, decay_groups
 from moka_train.training.run_logger import RunLogger
 from moka_train.training.schedule import SCHEDULES, build_lr_scheduler
@@ -452,6 +452,14 @@ def poison_loss(loss: Tensor, nonfinite_gradients: bool) -> Tensor:
     return loss * float("nan") if nonfinite_gradients else loss + float("inf")
 
 
+def poison_gradient(model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Fault injection: the gradient of the first trainable parameter becomes NaN in the coming backward, the loss
+    staying finite (an overflow in one layer's backward). Only that parameter: under ZeRO the NaN lands in one
+    rank's gradient partition, and every rank must still skip. Remove the returned handle after the backward."""
+    parameter = next(p for p in model.parameters() if p.requires_grad)
+    return parameter.register_hook(lambda grad: grad * float("nan"))
+
+
 def record_dropped_samples(run_dir: Path, rank: int, step: int, sample_ids: list[str]) -> None:
     """Append ``step<TAB>id`` lines to this rank's ``dropped_samples.rank<r>.tsv``: every rank writes its own,
     so no collective is needed for the ids (the count is summed with the step's other totals). A resumed run
@@ -685,11 +693,19 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
                             output.loss = poison_loss(output.loss, cfg.fault.nonfinite_gradients)
                         if not check_loss(output.loss, step, batch["ids"], cfg.on_nonfinite):
                             skip = True
+                        poisoned = None
+                        if cfg.fault.nonfinite_gradient_at_step == step and ctx.rank == 0 and last:
+                            poisoned = poison_gradient(engine.module)
                         # Every micro-batch still goes through the engine: DeepSpeed keeps its ranks in lockstep.
                         engine.backward(output.loss, skip=skip)
+                        if poisoned is not None:
+                            poisoned.remove()
                     loss_sum += output.loss.detach().double().cpu()
                     tokens += 0 if fillers[i] else int(batch["attention_mask"].sum())
-                engine.step(skip=skip)
+                result = engine.step(skip=skip)
+                if result.nonfinite_gradients:  # the same on every rank: each engine decides over all of them
+                    step_ids = [sample_id for batch in micro_batches for sample_id in batch["ids"]]
+                    report_nonfinite_gradients(step, result.grad_norm, step_ids, cfg.on_nonfinite)
                 if cfg.fault.signal_after_step == step and ctx.rank == ctx.world_size - 1:
                     send_fault_signal(cfg.fault.signal_to)
                 if dropped:
@@ -704,6 +720,8 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
                 metrics = {"lr": lr, "tokens": totals[1].item(), "step_time": time.monotonic() - started}
                 if not skip:
                     metrics["loss"] = totals[0].item()
+                if result.grad_norm is not None:
+                    metrics["grad_norm"] = result.grad_norm
                 if cfg.loader.on_overflow == "drop":
                     metrics["dropped_samples"] = totals[2].item()
                     dropped_in_run += int(totals[2].item())
