@@ -33,7 +33,9 @@ from moka_train.evaluation.runner import (
     answer,
     check_run_dir,
     check_settings,
+    claim_out_dir,
     default_out_dir,
+    evaluation_record,
     keep_adapter_path,
     load_run,
     write_and_score,
@@ -103,12 +105,14 @@ def analyse(cfg: DictConfig) -> PartialModalityTable | None:
                     if ctx.is_main:
                         print(f"{run_dir.name} [{column}]: {NOT_AVAILABLE}, {why.args[0]}")
                     continue
+                out_dir = default_out_dir(cfg, run, column)
+                record = evaluation_record(cfg, run, modalities)
+                claim_out_dir(out_dir, record, ctx)
                 with keep_adapter_path(run.model, modalities):
                     predictions = answer(cfg, run, ctx)
                 if ctx.is_main:
-                    out_dir = default_out_dir(cfg, run, column)
                     score = write_and_score(
-                        predictions, run.benchmark, modes, out_dir, (column, modalities), verbose=False
+                        predictions, run.benchmark, modes, out_dir, record, (column, modalities), verbose=False
                     )[modes[0]]
                     table.metric = score.main_name
                     row.scores[column] = score.main

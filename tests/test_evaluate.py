@@ -5,6 +5,7 @@ per-choice losses computed one by one; bad settings refused."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from moka_train.data.datasets.seed_bench import build_seed_bench
 from moka_train.data.media import build_media_loader
 from moka_train.evaluation.likelihood import choice_sample, likelihood_predictions
 from moka_train.evaluation.metrics import get_scorer, read_predictions
+from moka_train.evaluation.scoring import UsageError
 from moka_train.models.build import build_multimodal_lm
 from tests.helpers import loaded_script, randomize_adapters
 from tests.launch import ROOT, describe, run, torchrun
@@ -73,6 +75,47 @@ def test_two_ranks_write_the_same_predictions_once(trained, tmp_path):
     assert len({r["id"] for r in two}) == len(two) == len(one)
     assert two == one  # greedy: the same answers whatever the sharding
     assert (double / "score.json").read_text() == (single / "score.json").read_text()
+    # Other settings into the same folder: refused on both ranks before any question is answered, none hanging.
+    written = (double / "predictions.jsonl").read_bytes()
+    command = torchrun(EVALUATE, f"run_dir={run_dir}", *FAST, "generation.max_new_tokens=5", f"out_dir={double}",
+                       nproc=2)  # fmt: skip
+    returncode, output = run(command)
+    assert returncode != 0 and "wrote" not in output, describe(command, returncode, output)
+    assert output.count("other settings (generation.max_new_tokens: 4 -> 5); pass out_dir=") == 2, output
+    assert (double / "predictions.jsonl").read_bytes() == written
+
+
+def test_an_evaluation_never_replaces_one_with_other_settings(trained, tmp_path):
+    """evaluation.json records what decided the predictions; the same settings may write the folder again, other
+    ones (or predictions with no record) are refused, naming what differs, and the predictions stay."""
+    _, run_dir = trained
+    out = tmp_path / "out"
+    evaluate_in_process(f"run_dir={run_dir}", *FAST, f"out_dir={out}")
+    run_config = OmegaConf.load(run_dir / "config.yaml")
+    run_config.data.builder.split = "test"
+    assert json.loads((out / "evaluation.json").read_text()) == {
+        "run_dir": str(run_dir.resolve()),
+        "benchmark": "music_avqa",
+        "split": "test",
+        "data": OmegaConf.to_container(run_config.data, resolve=True),
+        "seed_mode": "generate",
+        "adapter_modalities": None,
+        "generation": {"max_new_tokens": 4},
+    }
+    written = (out / "predictions.jsonl").read_bytes()
+    evaluate_in_process(f"run_dir={run_dir}", *FAST, f"out_dir={out}", "batch_size=2")  # answers alike: allowed
+    assert (out / "predictions.jsonl").read_bytes() == written
+    with loaded_script(EVALUATE) as script:
+        for override, named in [
+            ("generation.max_new_tokens=5", "generation.max_new_tokens: 4 -> 5"),
+            ("adapter_modalities=[text]", "adapter_modalities: None -> ['text']"),
+        ]:
+            with pytest.raises(script.UsageError, match=rf"other settings \({re.escape(named)}\); pass out_dir="):
+                script.evaluate(compose_config("evaluate", [f"run_dir={run_dir}", *FAST, f"out_dir={out}", override]))
+        assert (out / "predictions.jsonl").read_bytes() == written
+        (out / "evaluation.json").unlink()  # as scripts/score.py, or a version before the record, leaves it
+        with pytest.raises(script.UsageError, match="holds predictions whose settings were not recorded"):
+            script.evaluate(compose_config("evaluate", [f"run_dir={run_dir}", *FAST, f"out_dir={out}"]))
 
 
 # -- SEED-Bench's likelihood mode ---------------------------------------------------------------------------
@@ -148,6 +191,12 @@ def test_likelihood_mode_end_to_end(trained, tmp_path):
     assert all(r["prediction"] in "ABCD" and set(r["losses"]) == set("ABCD") for r in records)
     scores = json.loads((out / "score.json").read_text())
     assert scores == {"official": get_scorer("seed_bench")(records).to_dict()}  # no moka_compat rule for it
+    assert json.loads((out / "evaluation.json").read_text())["likelihood_prompt"] == "official"
+    with pytest.raises(UsageError, match="likelihood_prompt: 'official' -> 'benchmark'"):  # same folder, other prompt
+        evaluate_in_process(
+            f"run_dir={run_dir}", "data=seed_bench", f"data.builder.root={root}", "seed_mode=likelihood",
+            "likelihood.prompt=benchmark", "features={cache_dir:null}", f"out_dir={out}", "progress=false",
+        )  # fmt: skip
 
 
 # -- bad input ------------------------------------------------------------------------------------------

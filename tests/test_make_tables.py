@@ -328,6 +328,26 @@ def test_a_runs_best_step_is_not_counted_as_another_seed(tmp_path, preset_config
     assert tables.BEST_STEPS_DIR == STEPS_DIR
 
 
+def test_seed_bench_scored_by_likelihood_is_no_cell_of_the_paper(tmp_path, preset_config):
+    """Two seeds of one SEED-Bench cell, one evaluated with seed_mode=likelihood (its evaluation.json says so): the
+    paper's column scores generated answers, so only the other is counted and the likelihood one is listed."""
+    config = preset_config("table2/qwen2_visual")
+    generated = write_run(tmp_path / "s42", config, {"official": score("seed_bench", 58.0)}, "eval/seed_bench/test")
+    ranked = write_run(tmp_path / "s43", {**config, "seed": 43}, {"official": score("seed_bench", 64.0)}, "eval/s")
+    (ranked / "eval/s" / "evaluation.json").write_text(json.dumps({"seed_mode": "likelihood"}), encoding="utf-8")
+    (generated / "eval/seed_bench/test" / "evaluation.json").write_text(
+        json.dumps({"seed_mode": "generate"}), encoding="utf-8"
+    )
+    found, ignored = tables.find_runs(tmp_path, "official")
+    assert [(r.folder, r.score) for r in found] == [(generated / "eval/seed_bench/test", 58.0)]
+    assert [(i.folder, i.reason) for i in ignored] == [
+        (ranked / "eval/s", "SEED-Bench's likelihood rule (seed_mode=likelihood), not the paper's")
+    ]
+    (ranked / "eval/s" / "evaluation.json").write_text("[]", encoding="utf-8")
+    with pytest.raises(tables.RunsError, match=r"evaluation.json: not an evaluation record"):
+        tables.find_runs(tmp_path, "official")
+
+
 def test_each_table_has_a_png_bar_chart(official):
     out, _ = official
     for number in TABLES:

@@ -8,7 +8,10 @@ per adapter path:
 3. ``answer``: every question answered once over the ranks (rank r takes r, r + w, ...; no sampler padding),
    by greedy generation or, for SEED-Bench with ``seed_mode=likelihood``, by the choice with the lowest LM loss;
    inside ``adapter_path`` for partial-modality inference;
-4. ``write_and_score`` (rank 0): ``predictions.jsonl`` and ``score.json`` in the output folder.
+4. ``write_and_score`` (rank 0): ``predictions.jsonl`` and ``score.json`` in the output folder, with
+   ``evaluation.json``, the settings that decided them (``evaluation_record``). ``claim_out_dir`` refuses, before
+   step 3, a folder that holds the predictions of an evaluation with other settings: a SEED likelihood run with
+   another prompt, music_avqa_moka after music_avqa, other generation settings would otherwise replace them.
 
 Partial-modality inference keeps the adapter path only for the tokens of chosen modalities (every other token
 sees the frozen W0 alone). Its outputs go to ``<run_dir>/eval/<benchmark>/<split>_adapter-<modalities>/`` with
@@ -31,6 +34,7 @@ from moka_train.evaluation.metrics import BENCHMARKS, MODES, MOKA_COMPAT, OFFICI
 from moka_train.evaluation.scoring import (
     ADAPTER_PATH_FILE,
     BOTH,
+    EVALUATION_FILE,
     SCORE_FILE,
     UsageError,
     infer_benchmark,
@@ -169,6 +173,7 @@ class LoadedRun:
     collator: Any  # MultimodalCollator, left padding
     benchmark: str
     split: str
+    data: dict[str, Any]  # the resolved data section the questions come from (builder, prompt, media settings)
 
 
 def load_run(cfg: DictConfig, run_dir: Path, ctx: DistributedContext) -> LoadedRun:
@@ -186,7 +191,8 @@ def load_run(cfg: DictConfig, run_dir: Path, ctx: DistributedContext) -> LoadedR
     load_trainables(model, run_dir / "trainables", modalities=sorted(model.projectors))
     model.to(ctx.device)
     split = str(run_cfg.data.builder.get("split", "all"))
-    return LoadedRun(run_dir, model, dataset, collator, benchmark, split)
+    data = OmegaConf.to_container(run_cfg.data, resolve=True)
+    return LoadedRun(run_dir, model, dataset, collator, benchmark, split, data)
 
 
 def default_out_dir(cfg: DictConfig, run: LoadedRun, path_name: str | None = None) -> Path:
@@ -213,6 +219,66 @@ def keep_adapter_path(model: MultimodalLM, modalities: Sequence[str] | None) -> 
         yield
 
 
+def generation_settings(cfg: DictConfig, benchmark: str) -> dict[str, Any]:
+    """The keyword arguments of ``MultimodalLM.generate``: ``cfg.generation`` with MokA's ``max_new_tokens`` for
+    the benchmark where it is null."""
+    settings = OmegaConf.to_container(cfg.generation, resolve=True)
+    if settings.get("max_new_tokens") is None:
+        settings["max_new_tokens"] = MAX_NEW_TOKENS.get(benchmark, DEFAULT_MAX_NEW_TOKENS)
+    return settings
+
+
+def evaluation_record(cfg: DictConfig, run: LoadedRun, modalities: Sequence[str] | None) -> dict[str, Any]:
+    """What decides the predictions (``evaluation.json``): the trained run, the data section, the rule and its
+    settings, the adapter path. Not what leaves the answers as they are: batch size, feature cache, progress."""
+    record: dict[str, Any] = {
+        "run_dir": str(run.run_dir),
+        "benchmark": run.benchmark,
+        "split": run.split,
+        "data": run.data,
+        "seed_mode": cfg.seed_mode,
+        "adapter_modalities": None if modalities is None else list(modalities),
+    }
+    if cfg.seed_mode == LIKELIHOOD:
+        record["likelihood_prompt"] = cfg.likelihood.prompt
+    else:
+        record["generation"] = generation_settings(cfg, run.benchmark)
+    return json.loads(json.dumps(record, default=str))
+
+
+def out_dir_conflict(out_dir: Path, record: dict[str, Any]) -> str | None:
+    """Why ``out_dir`` may not take the predictions of the evaluation ``record`` describes, or None: it holds
+    predictions or a score recorded with other settings, or with none recorded (written by scripts/score.py, or
+    before evaluation.json was)."""
+    if not any((out_dir / name).exists() for name in (PREDICTIONS_FILE, SCORE_FILE)):
+        return None
+    replace = f"pass out_dir=<another folder>, or remove {out_dir} to replace them"
+    try:
+        previous = json.loads((out_dir / EVALUATION_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{out_dir} holds predictions whose settings were not recorded (no {EVALUATION_FILE}); {replace}"
+    except (OSError, ValueError) as error:
+        return f"{out_dir / EVALUATION_FILE}: not readable ({error}); {replace}"
+    from moka_train.training.checkpoints import describe_differences
+
+    if not isinstance(previous, dict):
+        return f"{out_dir / EVALUATION_FILE}: not an evaluation record (a JSON object); {replace}"
+    differences = describe_differences(previous, record)
+    if differences:
+        return f"{out_dir} holds the predictions of an evaluation with other settings ({differences}); {replace}"
+    return None
+
+
+def claim_out_dir(out_dir: Path, record: dict[str, Any], ctx: DistributedContext) -> None:
+    """A UsageError on every rank when ``out_dir`` holds another evaluation's predictions (``out_dir_conflict``),
+    decided on rank 0, which writes there, before any question is answered."""
+    from moka_train.training.distributed import broadcast_object
+
+    conflict = broadcast_object(out_dir_conflict(out_dir, record) if ctx.is_main else None, ctx)
+    if conflict is not None:
+        raise UsageError(str(conflict))
+
+
 def answer(cfg: DictConfig, run: LoadedRun, ctx: DistributedContext) -> list[dict[str, Any]]:
     """Every question of ``run.dataset`` answered once over the ranks; every rank gets all, in dataset order."""
     from moka_train.evaluation.generate import gather_predictions, generate_predictions
@@ -224,9 +290,7 @@ def answer(cfg: DictConfig, run: LoadedRun, ctx: DistributedContext) -> list[dic
             run.model, run.dataset, run.collator, prompt=cfg.likelihood.prompt, **shard
         )
     else:
-        settings = OmegaConf.to_container(cfg.generation, resolve=True)
-        if settings.get("max_new_tokens") is None:
-            settings["max_new_tokens"] = MAX_NEW_TOKENS.get(run.benchmark, DEFAULT_MAX_NEW_TOKENS)
+        settings = generation_settings(cfg, run.benchmark)
         predictions = generate_predictions(run.model, run.dataset, run.collator, **shard, **settings)
     return gather_predictions(predictions)
 
@@ -236,14 +300,20 @@ def write_and_score(
     benchmark: str,
     modes: Sequence[str],
     out_dir: Path,
+    record: dict[str, Any],
     adapter_path: tuple[str, Sequence[str] | None] | None = None,
     verbose: bool = True,
 ) -> dict[str, BenchmarkScore]:
-    """Write ``predictions.jsonl`` and ``score.json`` into ``out_dir``; returns ``{mode: score}``. For
-    partial-modality inference ``adapter_path`` is (its name, its modalities or None for all), written to
-    ``adapter_path.json`` beside them."""
+    """Write ``evaluation.json`` (``record``, from ``evaluation_record``), ``predictions.jsonl`` and ``score.json``
+    into ``out_dir``; returns ``{mode: score}``. For partial-modality inference ``adapter_path`` is (its name, its
+    modalities or None for all), written to ``adapter_path.json`` beside them."""
+    from moka_train.checkpoint_io import write_atomic
     from moka_train.evaluation.generate import write_predictions
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # First: predictions never sit in a folder without the settings that decided them.
+    text = json.dumps(record, indent=2) + "\n"
+    write_atomic(out_dir / EVALUATION_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     path = write_predictions(out_dir / PREDICTIONS_FILE, predictions)
     if adapter_path is not None:
         # Written before the score: a score.json never sits in an analysis folder without its marker.
@@ -272,6 +342,8 @@ def evaluate(cfg: DictConfig) -> dict[str, BenchmarkScore]:
         run = load_run(cfg, run_dir, ctx)
         path = None if modalities is None else (adapter_path_name(modalities), modalities)
         out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg, run, path and path[0])
+        record = evaluation_record(cfg, run, modalities)
+        claim_out_dir(out_dir, record, ctx)
         if ctx.is_main:
             where = "" if modalities is None else f", adapter path on {adapter_path_name(modalities)} tokens"
             print(
@@ -280,7 +352,7 @@ def evaluate(cfg: DictConfig) -> dict[str, BenchmarkScore]:
             )
         with keep_adapter_path(run.model, modalities):
             predictions = answer(cfg, run, ctx)
-        scores = write_and_score(predictions, run.benchmark, modes, out_dir, path) if ctx.is_main else {}
+        scores = write_and_score(predictions, run.benchmark, modes, out_dir, record, path) if ctx.is_main else {}
         ctx.barrier()  # the other ranks leave once the files are written
         return scores
     finally:

@@ -16,6 +16,9 @@ SCORE_FILE = "score.json"
 # Beside the score.json of a partial-modality evaluation (adapter path on some modalities only): an analysis of a
 # run, not a result of it, so scripts/make_tables.py leaves it out.
 ADAPTER_PATH_FILE = "adapter_path.json"
+# Beside the predictions of scripts/evaluate.py: the settings that decided them (run, data, rule), so a later
+# evaluation with other settings cannot replace them unnoticed, and scripts/make_tables.py can tell the rules apart.
+EVALUATION_FILE = "evaluation.json"
 EXAMPLES = 3  # ids quoted per problem in an error message
 
 

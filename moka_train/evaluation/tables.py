@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from moka_train.evaluation.scoring import ADAPTER_PATH_FILE, SCORE_FILE
+from moka_train.evaluation.scoring import ADAPTER_PATH_FILE, EVALUATION_FILE, SCORE_FILE
 
 PAPER_NUMBERS = "paper_numbers.csv"
 BEST_STEPS_DIR = "best_steps"  # training/best.py's STEPS_DIR, not imported: that would load torch for the tables
@@ -321,6 +321,18 @@ def training_run(config_path: Path) -> Path:
     return config_path
 
 
+def evaluated_by_likelihood(folder: Path) -> bool:
+    """Whether the predictions in ``folder`` ranked the choices by likelihood (its evaluation.json, written by
+    scripts/evaluate.py, says seed_mode=likelihood)."""
+    path = folder / EVALUATION_FILE
+    if not path.is_file():
+        return False
+    record = _load_json(path)
+    if not isinstance(record, dict):
+        raise RunsError(f"{path}: not an evaluation record (a JSON object)")
+    return record.get("seed_mode") == "likelihood"
+
+
 def find_runs(runs_dir: Path, mode: str) -> tuple[list[Run], list[Ignored]]:
     """Every score.json under ``runs_dir`` as a run with its cell, or as ignored with the reason. RunsError: the
     folder is missing, holds no score.json, or a score.json / config.yaml cannot be read."""
@@ -341,6 +353,9 @@ def find_runs(runs_dir: Path, mode: str) -> tuple[list[Run], list[Ignored]]:
         folder = path.parent
         if (folder / ADAPTER_PATH_FILE).is_file():
             ignored.append(Ignored(folder, "a partial-modality evaluation (adapter path on some modalities only)"))
+            continue
+        if evaluated_by_likelihood(folder):  # the paper's SEED-Bench numbers score generated answers
+            ignored.append(Ignored(folder, "SEED-Bench's likelihood rule (seed_mode=likelihood), not the paper's"))
             continue
         try:
             benchmark, main, metric = read_score(path, mode)
