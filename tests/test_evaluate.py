@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -116,6 +117,22 @@ def test_an_evaluation_never_replaces_one_with_other_settings(trained, tmp_path)
         (out / "evaluation.json").unlink()  # as scripts/score.py, or a version before the record, leaves it
         with pytest.raises(script.UsageError, match="holds predictions whose settings were not recorded"):
             script.evaluate(compose_config("evaluate", [f"run_dir={run_dir}", *FAST, f"out_dir={out}"]))
+
+
+def test_a_training_length_limit_does_not_limit_the_questions(trained, tmp_path):
+    """A run trained with loader.max_length below every question's length answers them all, as the same run
+    without the limit does; the limit used to fail the evaluation (or count them wrong, with drop)."""
+    _, run_dir = trained
+    limited = tmp_path / "limited"
+    shutil.copytree(run_dir, limited, ignore=shutil.ignore_patterns("eval"))
+    config = OmegaConf.load(limited / "config.yaml")
+    config.loader.max_length, config.loader.on_overflow = 8, "drop"
+    OmegaConf.save(config, limited / "config.yaml")
+    evaluate_in_process(f"run_dir={limited}", *FAST, f"out_dir={tmp_path / 'a'}")
+    evaluate_in_process(f"run_dir={run_dir}", *FAST, f"out_dir={tmp_path / 'b'}")
+    answers = [records_of(tmp_path / out / "predictions.jsonl") for out in ("a", "b")]
+    assert len(answers[0]) == 6 and not any(r.get("dropped") for r in answers[0])
+    assert [r["prediction"] for r in answers[0]] == [r["prediction"] for r in answers[1]]
 
 
 # -- SEED-Bench's likelihood mode ---------------------------------------------------------------------------

@@ -160,6 +160,9 @@ def run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     run_cfg.stage.init_from = None  # the trainables below hold everything trained
     run_cfg.stage.gradient_checkpointing = False
     run_cfg.probe_media = False
+    # A training limit on sample length: every benchmark question is answered, whatever the run trained on (it
+    # used to apply here, so a longer question failed the evaluation or, with on_overflow=drop, counted wrong).
+    run_cfg.loader.max_length = None
     return run_cfg
 
 
