@@ -260,6 +260,8 @@ def test_the_evaluated_split(tmp_path, overrides, split):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     trained = {"data": {"builder": {"split": "train"}}, "stage": {}, "features": {}, "probe_media": False}
+    trained["loader"] = {"max_length": 64}
     OmegaConf.save(OmegaConf.create(trained), run_dir / "config.yaml")
     cfg = compose_config("evaluate", [f"run_dir={run_dir}", *overrides])
-    assert run_config(cfg, run_dir).data.builder.split == split
+    evaluated = run_config(cfg, run_dir)
+    assert evaluated.data.builder.split == split and evaluated.loader.max_length is None
