@@ -215,3 +215,20 @@ def test_ranks_that_open_the_cache_at_different_times_cover_every_item(tmp_path)
         want = features_of(ref)
         torch.testing.assert_close(features, want[0][:1, :5], msg=f"item {index}")
         assert torch.equal(mask, want[1][:1, :5])
+
+
+def test_audio_windows_are_fingerprinted_by_the_windows_they_cut(monkeypatch):
+    """A preset name and the same windows written out share a cache; a preset whose definition changes (a fix in a
+    later version) gets a new one, where its name alone would have kept serving features cut the old way."""
+    from moka_train.data import media
+    from moka_train.data.caching import cache_config
+
+    encoder = {"encoder": "beats"}
+    named = cache_config("audio", encoder, {"frames": 10, "audio_windows": "music_avqa"})
+    spelled = {"count": 10, "length": 2.0, "offset": -0.5}
+    assert cache_config("audio", encoder, {"frames": 10, "audio_windows": spelled}) == named
+    assert named["media"]["audio_windows"] == {**spelled, "anchors": None}
+    monkeypatch.setitem(media.WINDOW_PRESETS, "music_avqa", media.AudioWindows(count=10, length=1.0, offset=-0.5))
+    assert cache_config("audio", encoder, {"frames": 10, "audio_windows": "music_avqa"}) != named
+    with pytest.raises(ValueError, match="unknown audio window preset 'nope'"):
+        cache_config("audio", encoder, {"audio_windows": "nope"})

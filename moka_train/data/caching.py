@@ -9,6 +9,7 @@ and a summary of the items that could not be read.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from moka_train.data.dataset import MediaSource
 from moka_train.data.features import FeatureCache, media_key
+from moka_train.data.media import resolve_audio_windows
 from moka_train.data.records import MediaRef, Record
 from moka_train.models.encoders import SegmentEncoder
 
@@ -47,6 +49,8 @@ _MEDIA_SOURCE_ONLY = ("extracted_dir",)
 def cache_config(modality: str, encoder: Mapping[str, Any], media: Mapping[str, Any]) -> dict[str, Any]:
     """What a modality's cached features depend on: its encoder's config and how its media are read."""
     media = {key: value for key, value in media.items() if key not in _MEDIA_SOURCE_ONLY}
+    if "audio_windows" in media:  # the windows a preset name stands for: a preset redefined changes the key
+        media["audio_windows"] = dataclasses.asdict(resolve_audio_windows(media["audio_windows"]))
     return {"modality": modality, "encoder": _with_file_stats(dict(encoder)), "media": _with_file_stats(media)}
 
 
