@@ -70,7 +70,8 @@ def test_presets_are_completed_from_our_config(preset):
     )
     assert (resolved["train_micro_batch_size_per_gpu"], resolved["gradient_accumulation_steps"]) == (4, 2)
     assert resolved["train_batch_size"] == 64  # the paper's global batch 32 is 4 x 1 x 8
-    assert resolved["bf16"] == {"enabled": True} and resolved["fp16"] == {"enabled": False}
+    # bf16: DeepSpeed's check for NaN gradients is asked for, whatever the installed version's default.
+    assert resolved["bf16"] == {"enabled": True, "check_grad_overflow": True} and resolved["fp16"] == {"enabled": False}
     assert resolved["gradient_clipping"] == 1.0
     assert "scheduler" not in resolved and "optimizer" not in resolved
     assert resolved["zero_optimization"]["stage"] in (2, 3)
@@ -132,3 +133,26 @@ def test_engine_runs_our_schedule_and_clipping():
     assert report["ours"] and report["clipping"] == 0.5
     # Steps 1..6 of a 10-step cosine schedule with 2 warmup steps, peak 1e-3 (the lr after each step).
     assert report["lrs"] == pytest.approx([expected("cosine", s, 10, 2) for s in range(1, 7)], abs=1e-12)
+
+
+def _nonfinite_step(case: str) -> dict:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+        str(ROOT / "tests" / "distributed" / "deepspeed_nonfinite.py"), case,
+    ]  # fmt: skip
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_deepspeed_bf16_never_applies_nan_gradients_unseen():
+    """ZeRO-2 in bf16, a NaN in the bias's gradient behind a finite loss. As resolved, DeepSpeed's overflow check
+    is on: the step is not applied and is reported. With the check off (DeepSpeed's default before its PR #8035,
+    which an older install would have) DeepSpeed applies the NaN: our engine must stop the run rather than go on."""
+    pytest.importorskip("deepspeed")
+    resolved = _nonfinite_step("resolved")
+    assert resolved == {**resolved, "check_grad_overflow": True, "applied": False, "nonfinite": True, "unchanged": True}
+    assert math.isfinite(resolved["loss"])
+    unchecked = _nonfinite_step("unchecked")
+    assert "DeepSpeed applied non-finite gradients" in unchecked["error"] and not unchecked["unchanged"]

@@ -35,6 +35,16 @@ _UNCHECKED = {
 }
 
 
+def knows_bf16_overflow_check() -> bool:
+    """Whether the installed DeepSpeed has ``bf16.check_grad_overflow`` (its config refuses unknown keys). Its
+    default was False until DeepSpeed PR #8035 (2026): ZeRO-1/2 in bf16 applied NaN gradients."""
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:
+        return False
+    return "check_grad_overflow" in DeepSpeedBF16Config.model_fields
+
+
 def load_deepspeed_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
     """A preset name from ``configs/deepspeed`` (``zero2``, ``zero2_offload``, ``zero3``) or a JSON path."""
     path = Path(name_or_path)
@@ -99,4 +109,6 @@ def resolve_deepspeed_config(
         block = dict(resolved.get(name) or {})
         _fill(block, "enabled", precision == name, f"{source} [{name}]")
         resolved[name] = block
+    if precision == "bf16" and knows_bf16_overflow_check():  # said, whatever this version's default
+        resolved["bf16"]["check_grad_overflow"] = True
     return resolved

@@ -206,6 +206,12 @@ class DeepSpeedEngine:
             return StepResult(applied=False)
         norm = self.engine.get_global_grad_norm()
         grad_norm = None if norm is None else float(norm)
+        if applied and grad_norm is not None and not math.isfinite(grad_norm):  # every rank sees the global norm
+            raise RuntimeError(
+                f"DeepSpeed applied non-finite gradients (global norm {grad_norm}): the weights are no longer "
+                "finite. This DeepSpeed does not skip such steps in bf16 (bf16.check_grad_overflow, on by default "
+                "since DeepSpeed PR #8035); install the version in constraints.txt"
+            )
         nonfinite = not applied and not self.engine.fp16_enabled()
         return StepResult(applied=applied, grad_norm=grad_norm, nonfinite_gradients=nonfinite)
 
