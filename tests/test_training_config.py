@@ -119,26 +119,11 @@ def test_settings_that_hide_nonfinite_gradients_are_refused(change, key):
     assert resolve_deepspeed_config({**load_deepspeed_config("zero2"), **fine}, **settings)["bf16"]["enabled"]
 
 
-def test_engine_runs_our_schedule_and_clipping():
-    """A real DeepSpeed engine keeps the scheduler we hand it and the clipping we resolved."""
-    pytest.importorskip("deepspeed")
+def deepspeed_engine(check: str, argument: str) -> dict:
+    """What tests/distributed/deepspeed_engine.py's ``check`` found, run under torchrun (one process, CPU)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-        str(ROOT / "tests" / "distributed" / "deepspeed_schedule.py"), "zero2",
-    ]  # fmt: skip
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["ours"] and report["clipping"] == 0.5
-    # Steps 1..6 of a 10-step cosine schedule with 2 warmup steps, peak 1e-3 (the lr after each step).
-    assert report["lrs"] == pytest.approx([expected("cosine", s, 10, 2) for s in range(1, 7)], abs=1e-12)
-
-
-def _nonfinite_step(case: str) -> dict:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-        str(ROOT / "tests" / "distributed" / "deepspeed_nonfinite.py"), case,
+        str(ROOT / "tests" / "distributed" / "deepspeed_engine.py"), check, argument,
     ]  # fmt: skip
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
@@ -146,13 +131,22 @@ def _nonfinite_step(case: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def test_engine_runs_our_schedule_and_clipping():
+    """A real DeepSpeed engine keeps the scheduler we hand it and the clipping we resolved."""
+    pytest.importorskip("deepspeed")
+    report = deepspeed_engine("schedule", "zero2")
+    assert report["ours"] and report["clipping"] == 0.5
+    # Steps 1..6 of a 10-step cosine schedule with 2 warmup steps, peak 1e-3 (the lr after each step).
+    assert report["lrs"] == pytest.approx([expected("cosine", s, 10, 2) for s in range(1, 7)], abs=1e-12)
+
+
 def test_deepspeed_bf16_never_applies_nan_gradients_unseen():
     """ZeRO-2 in bf16, a NaN in the bias's gradient behind a finite loss. As resolved, DeepSpeed's overflow check
     is on: the step is not applied and is reported. With the check off (DeepSpeed's default before its PR #8035,
     which an older install would have) DeepSpeed applies the NaN: our engine must stop the run rather than go on."""
     pytest.importorskip("deepspeed")
-    resolved = _nonfinite_step("resolved")
+    resolved = deepspeed_engine("nonfinite", "resolved")
     assert resolved == {**resolved, "check_grad_overflow": True, "applied": False, "nonfinite": True, "unchanged": True}
     assert math.isfinite(resolved["loss"])
-    unchecked = _nonfinite_step("unchecked")
+    unchecked = deepspeed_engine("nonfinite", "unchecked")
     assert "DeepSpeed applied non-finite gradients" in unchecked["error"] and not unchecked["unchanged"]
