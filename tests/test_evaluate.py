@@ -20,13 +20,19 @@ from moka_train.data.collate import MultimodalCollator
 from moka_train.data.dataset import MultimodalDataset
 from moka_train.data.datasets.seed_bench import build_seed_bench
 from moka_train.data.media import build_media_loader
-from moka_train.evaluation.likelihood import choice_sample, likelihood_predictions
+from moka_train.data.sample import Sample
+from moka_train.evaluation.likelihood import (
+    choice_sample,
+    drop_template_tails,
+    likelihood_predictions,
+    template_tail_tokens,
+)
 from moka_train.evaluation.metrics import get_scorer, read_predictions
 from moka_train.evaluation.scoring import UsageError
 from moka_train.models.build import build_multimodal_lm
 from tests.helpers import loaded_script, randomize_adapters
 from tests.launch import ROOT, describe, run, torchrun
-from tests.test_collate import preset
+from tests.test_collate import decode, make_tokenizer, preset
 from tests.trained_runs import compose_config
 
 EVALUATE = ROOT / "scripts" / "evaluate.py"
@@ -177,11 +183,19 @@ def test_likelihood_ranks_choices_by_their_mean_answer_loss(tmp_path):
     assert [p["id"] for p in predictions] == ["seed_bench/100", "seed_bench/101", "seed_bench/102"]
     for index, prediction in enumerate(predictions):
         sample = dataset[index]
-        with torch.no_grad():  # each choice alone, unpadded: MultimodalLM's own mean loss over the answer tokens
-            by_hand = {
-                letter: float(model(collator([choice_sample(sample, text, prompt)])).loss)
-                for letter, text in sample.metadata["choices"].items()
-            }
+        by_hand = {}
+        for letter, text in sample.metadata["choices"].items():
+            # Each choice alone, unpadded: the mean cross-entropy over the choice's own tokens. The template's
+            # "{answer}</s>" supervises one more, the end of turn, which SEED-Bench's loss does not count.
+            batch = collator([choice_sample(sample, text, prompt)])
+            with torch.no_grad():
+                logits = model(batch).logits[0, :-1].float()
+            targets = batch["labels"][0, 1:]
+            supervised = (targets != -100).nonzero().flatten()
+            assert targets[supervised[-1]] == tokenizer.eos_token_id
+            choice = supervised[:-1]
+            assert tokenizer.decode(targets[choice]).strip() == text
+            by_hand[letter] = torch.nn.functional.cross_entropy(logits[choice], targets[choice]).item()
         assert prediction["losses"] == pytest.approx(by_hand, abs=1e-4)
         assert prediction["prediction"] == min(by_hand, key=by_hand.get)
         assert prediction["answer"] == f"({records[index].metadata['answer']})"
@@ -193,6 +207,23 @@ def test_likelihood_ranks_choices_by_their_mean_answer_loss(tmp_path):
         assert rendered[-1] == {"role": "assistant", "content": "red"}
         assert rendered[-2]["content"].endswith(question_block) == (style == "official")
         assert ("Options:" in rendered[-2]["content"]) == (style == "benchmark")
+
+
+@pytest.mark.parametrize("template", ["llama2_official", "chatml", "tokenizer"])
+def test_likelihood_scores_the_choice_tokens_and_nothing_the_template_adds(template):
+    """Whatever a chat template writes after the answer ("</s>", ChatML's "<|im_end|>" and newline), the tokens
+    left to score decode to the choice itself."""
+    tokenizer = make_tokenizer(template)
+    collator = MultimodalCollator(tokenizer, {}, padding_side="left")
+    choices = ["red", "a dark blue", "Two."]
+    samples = [
+        Sample(f"q{i}", [{"role": "user", "content": "What colour is it?"}, {"role": "assistant", "content": c}])
+        for i, c in enumerate(choices)
+    ]
+    batch = collator(samples)
+    drop_template_tails(batch["labels"], [template_tail_tokens(collator, sample) for sample in samples])
+    for labels, choice in zip(batch["labels"], choices, strict=True):
+        assert decode(tokenizer, labels[labels != -100]).strip() == choice
 
 
 def test_likelihood_mode_end_to_end(trained, tmp_path):

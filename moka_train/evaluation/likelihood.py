@@ -9,11 +9,11 @@ loss. ``likelihood_predictions`` does that for an inference dataset of multiple-
 - the prompt (``prompt``): ``"official"`` replaces the question span of the record's user turn (the question
   block with its options and instruction) by ``Question: {q}\\nAnswer:``, the media and the chat frame staying
   as the record has them; ``"benchmark"`` keeps the record's user turn as it is;
-- the response: the choice text, as the assistant turn, so the collator supervises exactly the response's
-  tokens (with the chat template's end-of-turn tokens after it, when the template closes the turn: the
-  same for every choice, not in the official code);
+- the response: the choice text, as the assistant turn; of the tokens the collator supervises, those the chat
+  template writes after the text (its end-of-turn token) are left out (``template_tail_tokens``), so the loss
+  is over the choice's tokens alone, as in the official code;
 - the loss: ``choice_losses``, each sample's summed cross-entropy over its label tokens divided by their
-  count (``MultimodalLM.forward``'s loss for a batch of one, per row);
+  count;
 - batching: ``batch_size`` questions per forward, i.e. ``batch_size * len(choices)`` samples sharing the
   question's media; the ranks shard the questions as ``generate_predictions`` does (rank r of w takes
   ``r, r + w, ...``), so ``gather_predictions`` merges them.
@@ -30,7 +30,7 @@ choice too long for the collator's ``max_length`` (``on_overflow="drop"``) gets 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -68,6 +68,30 @@ def choice_sample(sample: Sample, choice: str, prompt: str = "official") -> Samp
         span = (start, start + len(text))
     messages.append({"role": "assistant", "content": choice})
     return dataclasses.replace(sample, messages=messages, question_span=span)
+
+
+def template_tail_tokens(collator: MultimodalCollator, sample: Sample) -> int:
+    """How many of the training ``sample``'s supervised tokens the chat template writes after the answer text (the
+    end-of-turn token: ``</s>``, ChatML's ``<|im_end|>``): the same for every choice, and no part of it."""
+    text, prompt_end, response_end = collator.render(sample)
+    answer = sample.messages[-1]["content"]
+    start = text.find(answer, prompt_end)
+    if start < 0:  # a template that strips the answer (Llama-3's | trim)
+        answer = answer.strip()
+        start = text.find(answer, prompt_end)
+    if start < 0:
+        raise ValueError(f"sample {sample.id!r}: the chat template changed the answer text, so its tokens are unknown")
+    answer_end = start + len(answer)
+    offsets = collator.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    return sum(1 for first, last in offsets if last > prompt_end and answer_end <= first < response_end)
+
+
+def drop_template_tails(labels: Tensor, tails: Sequence[int]) -> None:
+    """Each row's last ``tails[row]`` label tokens (the response's end) set to ignored, in place."""
+    for row, tail in enumerate(tails):
+        if tail:
+            supervised = (labels[row] != IGNORE_INDEX).nonzero().flatten()
+            labels[row, supervised[-tail:]] = IGNORE_INDEX
 
 
 def choice_losses(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
@@ -117,7 +141,9 @@ def likelihood_predictions(
                         kept.append((index, sample, letters, options))
                 losses = iter([])
                 if kept:
-                    batch = collator([option for *_, options in kept for option in options])
+                    samples = [option for *_, options in kept for option in options]
+                    batch = collator(samples)
+                    drop_template_tails(batch["labels"], [template_tail_tokens(collator, o) for o in samples])
                     losses = iter(choice_losses(model, batch_to_device(batch, device)).cpu().tolist())
                 ranked = {index: {letter: next(losses) for letter in letters} for index, _, letters, _ in kept}
                 for index, sample in questions:
