@@ -16,6 +16,7 @@ from moka_train.models.encoders.beats import (
     relative_position_buckets,
     tiny_beats_config,
 )
+from moka_train.models.encoders.fbank import kaldi_num_frames
 from tests.reference_files import shared_file
 
 RTOL = 1e-4
@@ -186,6 +187,33 @@ def test_no_padding_mask_entries_equals_no_mask(model: BEATs, io) -> None:
     features, token_mask = model.extract_features(wave, torch.zeros_like(wave, dtype=torch.bool))
     assert token_mask is not None and not token_mask.any()
     torch.testing.assert_close(features, model.extract_features(wave)[0])
+
+
+def test_segments_of_different_lengths_are_encoded_as_each_alone() -> None:
+    """The multimodal model's entry point: a clip's features must not depend on the clips batched with it
+    (answers would change with the evaluation's batch size, and differ from the feature cache's). Each clip
+    gets the features and the token count it has alone: 16-frame time patches x 8 frequency patches, the
+    trailing frames of a partial patch dropped. Under the official padding mask the 1 s clip had extra valid
+    tokens from its padding (the test above)."""
+    model = build_beats(tiny_beats_config(), seed=0)
+    seconds = (1.0, 2.2, 1.5, 1.0)
+    clips = [torch.randn(int(s * 16000), generator=torch.Generator().manual_seed(i)) for i, s in enumerate(seconds)]
+    waves = torch.stack([torch.nn.functional.pad(clip, (0, 35200 - clip.numel())) for clip in clips])
+    features, mask = model.encode_segments(waves, torch.tensor([clip.numel() for clip in clips]))
+    tokens = [kaldi_num_frames(clip.numel()) // 16 * 8 for clip in clips]
+    assert tokens == [48, 104, 72, 48]
+    assert features.shape == (4, 104, 64)
+    assert mask.sum(-1).tolist() == tokens and all(mask[i, :n].all() for i, n in enumerate(tokens))
+    for i, (clip, n) in enumerate(zip(clips, tokens, strict=True)):
+        alone, alone_mask = model.encode_segments(clip[None])
+        assert alone_mask is None and alone.shape == (1, n, 64)
+        torch.testing.assert_close(features[i, :n], alone[0], rtol=1e-5, atol=1e-5)
+        assert not features[i, n:].any()
+    same, same_mask = model.encode_segments(waves[:1, :16000], torch.tensor([16000]))
+    assert same_mask is None
+    torch.testing.assert_close(same, features[:1, :48], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="within the waveforms"):
+        model.encode_segments(waves, torch.tensor([16000, 35201, 24000, 16000]))
 
 
 def test_a_sample_with_no_valid_token_is_an_error(model: BEATs, io) -> None:

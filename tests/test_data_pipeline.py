@@ -64,13 +64,14 @@ def avqa_root(tmp_path_factory) -> Path:
     return root
 
 
-def data_config(root: Path):
+def data_config(root: Path, audio_windows: str = "music_avqa"):
     cfg = OmegaConf.load(CONFIGS / "data" / "music_avqa.yaml")
     cfg.builder.root = str(root)
+    cfg.media.audio_windows = audio_windows
     return cfg
 
 
-def run_cache_command(root: Path, cache_dir: Path) -> str:
+def run_cache_command(root: Path, cache_dir: Path, *overrides: str) -> str:
     command = [
         sys.executable,
         str(ROOT / "data_prep" / "cache_features.py"),
@@ -80,6 +81,7 @@ def run_cache_command(root: Path, cache_dir: Path) -> str:
         "encoder/visual=clip_tiny_random",
         "encoder/audio=beats_tiny_random",
         f"hydra.run.dir={cache_dir.parent / 'hydra'}",
+        *overrides,
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -87,12 +89,17 @@ def run_cache_command(root: Path, cache_dir: Path) -> str:
     return done.stdout
 
 
-def test_cached_features_give_the_batches_of_on_the_fly_encoding(avqa_root, tmp_path):
+@pytest.mark.parametrize("audio_windows", ["music_avqa", "whole"])
+def test_cached_features_give_the_batches_of_on_the_fly_encoding(avqa_root, tmp_path, audio_windows):
+    """``whole``: the two sound tracks differ in length, so on the fly they are batched padded to the longer;
+    the shorter one's features must still be those it has alone, as the cache encodes it."""
     cache_dir = tmp_path / "cache"
-    first = run_cache_command(avqa_root, cache_dir)
+    windows = f"data.media.audio_windows={audio_windows}"
+    first = run_cache_command(avqa_root, cache_dir, windows)
     assert "4 items encoded, 0 already cached, 0 unreadable" in first  # 2 videos x (frames, sound track)
-    again = run_cache_command(avqa_root, cache_dir)
-    assert "0 items encoded, 4 already cached" in again  # resumable: nothing is encoded twice
+    if audio_windows == "music_avqa":
+        again = run_cache_command(avqa_root, cache_dir, windows)
+        assert "0 items encoded, 4 already cached" in again  # resumable: nothing is encoded twice
 
     model_cfg = OmegaConf.load(CONFIGS / "model" / "tiny_llama.yaml")
     tokenizer = instantiate(model_cfg.tokenizer)
@@ -104,7 +111,7 @@ def test_cached_features_give_the_batches_of_on_the_fly_encoding(avqa_root, tmp_
         projector=OmegaConf.load(CONFIGS / "projector" / "qformer_tiny.yaml"),
         chat_template=model_cfg.chat_template,
     ).eval()
-    data = data_config(avqa_root)
+    data = data_config(avqa_root, audio_windows)
     records = instantiate(data.builder)
     assert [r.metadata["answer"] for r in records] == ["two", "left", "no"]
     media_cfg = OmegaConf.to_container(data.media)
@@ -118,7 +125,11 @@ def test_cached_features_give_the_batches_of_on_the_fly_encoding(avqa_root, tmp_
     for key in ("input_ids", "attention_mask", "labels", "modality_ids", "question_mask"):
         assert torch.equal(raw_batch[key], cached_batch[key]), key
     assert raw_batch["media"]["visual"].shape == (30, 3, 32, 32)  # 10 frames per question
-    assert raw_batch["media"]["audio"].shape == (30, 32000)  # ten 2 s windows per question
+    if audio_windows == "whole":
+        first_video, _, second_video = raw_batch["media_lengths"]["audio"].tolist()  # one track per question
+        assert second_video > first_video  # 36 frames against 24
+    else:
+        assert raw_batch["media"]["audio"].shape == (30, 32000)  # ten 2 s windows per question
     with torch.no_grad():
         on_the_fly = model(raw_batch)
         from_cache = model(cached_batch)

@@ -21,8 +21,9 @@ each time by cutting the finer mask into as many equal runs as there are coarser
 ~161 samples per frame, ~2 frames per token) and marking a position padded when its whole run is.
 Tokens are time-major patches, so this token mask is an approximation: it can leave a few frequency
 tokens of the first partly padded time patch valid, and the valid tokens then attend to them. It is
-reproduced as is (official semantics); a padded sample equals the same sample alone exactly when its
-valid frames end on a 16-frame patch boundary (see tests/test_beats.py).
+reproduced as is in ``extract_features`` (official semantics); a padded sample equals the same sample alone
+exactly when its valid frames end on a 16-frame patch boundary (see tests/test_beats.py). The multimodal
+model's entry point, ``encode_segments``, does not pad: it encodes clips of one length together.
 
 Dropouts are not applied (this module is only used frozen), so ``train()`` does not change outputs.
 """
@@ -471,17 +472,36 @@ class BEATs(nn.Module):
     def encode_segments(self, media: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """The multimodal model's entry point: features [S, N, D] of audio segments [S, T] at 16 kHz, whose
         real lengths in samples are ``lengths`` [S] (None: all T), and a mask [S, N] True at real tokens
-        (None when nothing is padded)."""
-        padding_mask = None
-        if lengths is not None:
-            if media.dim() != 2 or lengths.shape != media.shape[:1]:
-                raise ValueError(
-                    f"lengths {tuple(lengths.shape)} must be [S] for waveforms [S, T], got {tuple(media.shape)}"
-                )
-            samples = torch.arange(media.shape[1], device=media.device)
-            padding_mask = samples >= lengths.to(media.device).unsqueeze(1)
-        features, padding_mask = self.extract_features(media, padding_mask)
-        return features, None if padding_mask is None else ~padding_mask
+        (None when nothing is padded).
+
+        Segments of different lengths are encoded in groups of one length, each group cut to its length, not
+        under the official padding mask: that mask leaves some tokens of a clip's padding valid (see the module
+        docstring), so a clip's features, and the answers built on them, would depend on the longer clips
+        batched with it. Grouped, every segment gets the features it has alone, as the feature cache stores
+        them; its token count follows from its length, and the rows are zero-padded to the longest."""
+        if lengths is None:
+            return self.extract_features(media)[0], None
+        if media.dim() != 2 or lengths.shape != media.shape[:1]:
+            raise ValueError(
+                f"lengths {tuple(lengths.shape)} must be [S] for waveforms [S, T], got {tuple(media.shape)}"
+            )
+        if bool((lengths > media.shape[1]).any()) or bool((lengths < 0).any()):
+            raise ValueError(f"lengths {lengths.tolist()} must lie within the waveforms' {media.shape[1]} samples")
+        lengths = lengths.to(media.device)
+        groups = [(int(length), (lengths == length).nonzero().flatten()) for length in lengths.unique()]
+        if len(groups) == 1:
+            length = groups[0][0]
+            return self.extract_features(media[:, :length])[0], None
+        encoded = [(rows, self.extract_features(media[rows, :length])[0]) for length, rows in groups]
+        tokens = max(features.shape[1] for _, features in encoded)
+        width = encoded[0][1].shape[2]
+        out = encoded[0][1].new_zeros(media.shape[0], tokens, width)
+        mask = torch.zeros(media.shape[0], tokens, dtype=torch.bool, device=out.device)
+        for rows, features in encoded:
+            rows = rows.to(out.device)
+            out[rows, : features.shape[1]] = features
+            mask[rows, : features.shape[1]] = True
+        return out, mask
 
     def train(self, mode: bool = True) -> BEATs:
         """Stay in eval mode (no dropout): the encoder is frozen, whatever the model around it does."""
