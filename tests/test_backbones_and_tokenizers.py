@@ -12,6 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
+from moka_train.data.collate import MultimodalCollator
+from moka_train.data.sample import Sample
 from moka_train.models.backbones import build_random_backbone, load_backbone
 from moka_train.models.chat_templates import set_chat_template
 from moka_train.models.tokenizer import (
@@ -225,6 +227,36 @@ def test_llama2_frame_later_turns_and_prompt_only():
     assert tokenizer.apply_chat_template(turns, tokenize=False) == "<s>[INST] Q1 [/INST]A1</s><s>[INST] Q2 [/INST]"
     with pytest.raises(Exception, match="system message may only be the first"):
         tokenizer.apply_chat_template([*turns, {"role": "system", "content": "late"}], tokenize=False)
+
+
+def test_llama2_chat_matches_the_official_visual_text_format():
+    """Table 2's LLaMA-2 runs: the official visual-text code sets Llama-2-chat's own template, where the answer is
+    framed by spaces (" {answer} </s>") and every turn's content is stripped; the prompt ends at " [/INST]", so
+    the collator supervises exactly " {answer} </s>"."""
+    tokenizer = build_demo_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    add_multimodal_tokens(tokenizer)
+    set_chat_template(tokenizer, "llama2_chat")
+    user = "This is an image:\n<image_start><image><image_end>\nPlease answer this question: What is it?"
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": user + "\n"},
+        {"role": "assistant", "content": "A cat."},
+    ]
+    prompt = "<s>[INST] <<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\n" + user + " [/INST]"
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == prompt + " A cat. </s>"
+    assert tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True) == prompt
+    turns = [
+        {"role": "user", "content": " Q1"},
+        {"role": "assistant", "content": "A1 "},
+        {"role": "user", "content": "Q2"},
+    ]
+    assert tokenizer.apply_chat_template(turns, tokenize=False) == "<s>[INST] Q1 [/INST] A1 </s><s>[INST] Q2 [/INST]"
+    with pytest.raises(Exception, match="must alternate"):
+        tokenizer.apply_chat_template([turns[0], turns[0]], tokenize=False)
+    text_only = [messages[0], {"role": "user", "content": "What is it?"}, messages[2]]  # a Sample's media must exist
+    text, prompt_end, response_end = MultimodalCollator(tokenizer, {}).render(Sample("s", text_only, None))
+    assert text[:prompt_end].endswith("What is it? [/INST]") and text[prompt_end:response_end] == " A cat. </s>"
 
 
 def test_chatml_and_template_choice_errors():

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from moka_train.data import extraction
 from moka_train.data.datasets.music_avqa import build_music_avqa
@@ -281,7 +282,9 @@ def test_the_hydra_command(avqa_root, records, tmp_path):
     assert f"{video(avqa_root, CORRUPT)} [video]: ValueError" in done.stdout
     assert f"+data.media.extracted_dir={out}" in done.stdout
     assert "extracting media" in done.stderr  # the progress bar
-    assert_same_as_decoding(refs_of(records, GOOD), out, **MEDIA)
+    preset = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "data" / "music_avqa.yaml").media)
+    assert preset["frame_size"] == [224, 224]  # the frames are extracted squashed, as the preset reads them
+    assert_same_as_decoding(refs_of(records, GOOD), out, **preset)
     # on_error=error: the command fails, naming the corrupt file.
     failed = run_command(avqa_root, tmp_path / "other", "on_error=error")
     assert failed.returncode != 0 and f"{CORRUPT}.mp4" in failed.stderr

@@ -215,6 +215,28 @@ def test_read_image_from_path_and_bytes(files, tmp_path):
     assert read_image(grey).mode == "RGB" and np.asarray(read_image(grey))[0, 0].tolist() == [77, 77, 77]
 
 
+def test_frame_size_squashes_images_keeping_their_sides(tmp_path, encoder):
+    """The official visual-text scripts squash each image to 224 x 224 (PIL's ``image.resize``, bicubic by default)
+    before CLIP's preprocessing; without it, CLIP's centre crop cuts a wide image's sides off."""
+    wide = np.zeros((20, 100, 3), dtype=np.uint8)
+    wide[:, :20, 0] = 255  # red left fifth, blue right fifth, black between
+    wide[:, 80:, 2] = 255
+    path = tmp_path / "wide.png"
+    Image.fromarray(wide).save(path)
+    ref = MediaRef("visual", path, "image")
+    squashed = MediaLoader(frame_size=(24, 24)).load(ref)[0].permute(1, 2, 0).numpy()
+    assert np.array_equal(squashed, np.asarray(Image.fromarray(wide).resize((24, 24))))
+    assert squashed[:, 0].tolist() == [[255, 0, 0]] * 24 and squashed[:, -1].tolist() == [[0, 0, 255]] * 24
+
+    def side_contrast(loader: MediaLoader) -> float:  # how far the outer pixel columns differ from the middle one
+        pixels = loader.load(ref)[0]
+        middle = pixels[:, :, pixels.shape[2] // 2]
+        return max(float((pixels[:, :, column] - middle).abs().max()) for column in (0, -1))
+
+    assert side_contrast(MediaLoader.from_visual_encoder(encoder)) == 0  # the centre crop kept the black middle only
+    assert side_contrast(MediaLoader.from_visual_encoder(encoder, frame_size=(224, 224))) > 1  # normalised units
+
+
 # -- audio -----------------------------------------------------------------------------------------------------
 # Allowed length error in 16 kHz samples: none for PCM and FLAC; one codec frame of the source for lossy codecs
 # whose end padding the decoder keeps (mp3: 1152 samples at 44.1 kHz; AAC: 1024 samples at 44.1 kHz).
@@ -472,8 +494,9 @@ def test_loader_raw_pixels_and_whole_audio(files):
     video = loader.load(MediaRef("visual", files["clip"], "video"))
     assert video.shape == (10, 3, 32, 32) and video.dtype == torch.uint8
     assert frame_numbers(video.permute(0, 2, 3, 1).numpy()) == PICKS_37
-    image = loader.load(MediaRef("visual", files["image"], "image"))
-    assert image.shape == (1, 3, 40, 50) and image[0, :, 0, 0].tolist() == colour(5).tolist()
+    image = loader.load(MediaRef("visual", files["image"], "image"))  # a 40 x 50 image, squashed as the frames
+    assert image.shape == (1, 3, 32, 32) and image[0, :, 0, 0].tolist() == colour(5).tolist()
+    assert MediaLoader().load(MediaRef("visual", files["image"], "image")).shape == (1, 3, 40, 50)
     speech = loader.load(MediaRef("speech", files["16k.wav"], "audio"))
     assert speech.shape == (1, AUDIO_SECONDS * 16000) and speech.dtype == torch.float32
 

@@ -11,8 +11,10 @@ How this follows, and where it leaves, the official MokA data code (``AudioVisua
   the video's frame count; ``sample_frame_indices`` computes the same indices in integer arithmetic
   (``k * vlen // n``: identical to numpy's float ``arange`` for every vlen up to 20,000 and n in 8, 10, 16, 32,
   and safe from float rounding giving n + 1 indices). The official code asks decord for 224x224 frames,
-  squashing the aspect ratio; here frames keep their size unless ``size`` is given (``size=(224, 224)`` is the
-  official squash), and the visual encoder's preprocessing (resize the short side, centre crop) does the rest.
+  squashing the aspect ratio, and its visual-text scripts squash images the same way (PIL's
+  ``image.resize((224, 224))``); ``MediaLoader.frame_size`` does both (the presets of the paper's datasets set
+  ``[224, 224]``). Without it, frames and images keep their size, and the visual encoder's preprocessing
+  (resize the short side, centre crop) cuts a wide picture's sides off.
   A video with fewer than n frames: the official code takes each frame once (fewer than n segments); here the
   indices repeat (``k * vlen // n`` again), so every video gives exactly n frames and batches stay rectangular.
 * **Audio.** The official code loads with librosa at 16 kHz mono (channel mean, soxr resampling). Here PyAV's
@@ -429,7 +431,9 @@ class MediaLoader:
     * ``video``: ``frames`` frames (``read_video_frames``, optionally scaled to ``frame_size`` = (H, W)),
       through ``frames_transform`` (uint8 ``[N, H, W, 3]`` -> ``[N, 3, H', W']``, e.g. the encoder's
       ``preprocess_frames``); without one, ``image_transform`` on the frames as PIL images.
-    * ``image``: ``image_transform`` on ``[image]`` -> ``[1, 3, H, W]`` (e.g. the encoder's ``preprocess``).
+    * ``image``: the image (scaled to ``frame_size`` with bicubic resampling when given, as PIL's ``resize``
+      does by default) through ``image_transform`` on ``[image]`` -> ``[1, 3, H, W]`` (e.g. the encoder's
+      ``preprocess``).
     * ``audio``: ``read_audio`` at ``sample_rate``, cut by ``audio_windows`` (a ``WINDOW_PRESETS`` name, an
       ``AudioWindows`` or its fields) -> float32 ``[S, T]``.
 
@@ -499,6 +503,9 @@ class MediaLoader:
 
     def load_image(self, ref: MediaRef) -> Tensor:
         image = read_image(_source(ref), name=ref.path)
+        if self.frame_size is not None:
+            height, width = self.frame_size
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
         if self.image_transform is not None:
             pixels = self.image_transform([image])
         else:

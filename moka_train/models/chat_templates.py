@@ -2,8 +2,9 @@
 
 A template is a Jinja string that ``tokenizer.apply_chat_template`` renders. ``chat_template`` in the model
 config picks one: ``tokenizer`` (the template shipped with the checkpoint: Llama-3 and Qwen2/2.5 instruct
-models have one), ``llama2_official`` (below) or ``chatml`` (Qwen's turn markup, which the demo tokenizer
-ships). Rendering happens once per sample in the collator, which then maps character spans to tokens.
+models have one), ``llama2_official`` (the official audio-visual frame, below), ``llama2_chat`` (Llama-2-chat's
+own format, which the official visual-text code sets) or ``chatml`` (Qwen's turn markup, which the demo
+tokenizer ships). Rendering happens once per sample in the collator, which then maps character spans to tokens.
 """
 
 from __future__ import annotations
@@ -29,6 +30,30 @@ LLAMA2_OFFICIAL = (
     "{%- endfor -%}"
 )
 
+# Llama-2-chat's own format, which the official visual-text code sets on its tokenizer (VisualText/train/train.py
+# and its eval scripts; the same as the chat template of Meta's Llama-2-chat checkpoints): each turn's content
+# stripped, the system message folded into the first user turn, and the answer framed by spaces:
+# "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]" + " {answer} </s>". No generation prompt: the
+# prompt ends at " [/INST]", and the answer's leading space is the first supervised character.
+LLAMA2_CHAT = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('turns must alternate user / assistant, after an optional first system message') }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if loop.first and system is not none -%}"
+    "{%- set content = '<<SYS>>\n' + system + '\n<</SYS>>\n\n' + message['content'] -%}"
+    "{%- else -%}{%- set content = message['content'] -%}{%- endif -%}"
+    "{{ (bos_token or '') + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{%- else -%}"
+    "{{ ' ' + message['content'].strip() + ' ' + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
 # Qwen2's turn markup, without its default system prompt (the sample's system turn, if any, is used).
 CHATML = (
     "{%- for message in messages -%}"
@@ -37,7 +62,7 @@ CHATML = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
-CHAT_TEMPLATES = {"llama2_official": LLAMA2_OFFICIAL, "chatml": CHATML}
+CHAT_TEMPLATES = {"llama2_official": LLAMA2_OFFICIAL, "llama2_chat": LLAMA2_CHAT, "chatml": CHATML}
 USE_TOKENIZER_TEMPLATE = "tokenizer"
 
 
