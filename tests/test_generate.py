@@ -145,7 +145,7 @@ def test_a_sample_dropped_for_length_is_kept_as_wrong(setup):
     fits = (lengths <= limit).tolist()
     assert [p["index"] for p in got] == list(range(QUESTIONS)) and 0 < sum(fits) < QUESTIONS
     for fit, mine, full in zip(fits, got, everything, strict=True):
-        assert mine == (full if fit else {**full, "prediction": "", "dropped": True})
+        assert mine == (full if fit else {**full, "prediction": "", "raw_output": "", "dropped": True})
 
 
 def test_gather_sorts_back_into_dataset_order(tmp_path):
@@ -244,6 +244,27 @@ def test_generation_stops_at_the_checkpoints_end_of_turn_id_too(setup):
         config.eos_token_id = saved
     assert got == stepwise_greedy(model, collator, dataset[0], stop=(token,))
     assert got != predict(setup)[0]["prediction"]  # without the end-of-turn id it runs on
+
+
+def test_raw_output_keeps_the_stop_token_as_mokas_scripts_decode(setup):
+    """``raw_output``: the answer's tokens and its stop token, decoded with special tokens kept and not stripped
+    (MokA's scripts' ``batch_decode(..., skip_special_tokens=False)``, whose 'a ' rule reads "A </s>"). The
+    first question is made to stop at the first token it writes after its first that it has not written before
+    (given as the checkpoint's EOS); ``prediction`` is the tokens before it, special tokens skipped."""
+    model, dataset, collator = setup
+    tokenizer = collator.tokenizer
+    batch = collator([dataset[0]])
+    tokens: list[int] = []
+    with torch.no_grad():
+        embeds, _ = model.prepare(batch)
+        while len(tokens) < 2 or tokens[-1] in tokens[:-1]:
+            assert len(tokens) < NEW_TOKENS, tokens
+            tokens.append(int(model.llm(inputs_embeds=embeds).logits[0, -1].argmax()))
+            embeds = torch.cat([embeds, model.embed(torch.tensor([[tokens[-1]]]))], dim=1)
+    got = predict(setup, batch_size=3, eos_token_id=[tokenizer.eos_token_id, tokens[-1]])
+    assert got[0]["raw_output"] == tokenizer.decode(tokens, skip_special_tokens=False)
+    assert got[0]["prediction"] == tokenizer.decode(tokens[:-1], skip_special_tokens=True).strip()
+    assert got[0]["prediction"] and got[0]["raw_output"] != got[0]["prediction"]
 
 
 def test_a_single_stop_id_may_be_given(setup):

@@ -342,6 +342,27 @@ def test_mmbench_moka_compat_counts_duplicates() -> None:
     assert mmbench.score(records).main == pytest.approx(200 / 3)  # official: 2 of 3 questions
 
 
+def test_moka_rules_read_the_output_as_mokas_scripts_decoded_it() -> None:
+    """MokA's scripts decode with special tokens kept ("A </s>"); ``generate`` keeps that text in ``raw_output``
+    beside the clean ``prediction`` ("A"), which MokA's 'a ' rule cannot read. The official rules read the clean
+    one."""
+    rows = [
+        _mmb(0, 0, "A", "A", raw_output="A </s>"),
+        _mmb(1, 0, "B", "B", raw_output="B</s>"),  # no space before </s>: "b<" is not "b ", wrong for MokA too
+        _mmb(2, 0, "C", "C"),  # no raw output (an older file): the prediction is read, and fails
+    ]
+    moka = mmbench.score(rows, MOKA_COMPAT)
+    assert moka.main == pytest.approx(100 / 3) and moka.counts["unparsable"] == 2
+    assert mmbench.score(rows).main == pytest.approx(100.0)
+    seeds = [{**_seed(str(i), 1, row["answer"], row["prediction"]), **_raw(row)} for i, row in enumerate(rows)]
+    assert seed_bench.score(seeds, MOKA_COMPAT).main == pytest.approx(100 / 3)
+    assert seed_bench.score(seeds).main == pytest.approx(100.0)
+
+
+def _raw(record: dict[str, Any]) -> dict[str, Any]:
+    return {"raw_output": record["raw_output"]} if "raw_output" in record else {}
+
+
 def test_mmbench_rejects_missing_gt() -> None:
     with pytest.raises(ValueError, match=r"'mmbench/DEV/0'.*hidden"):
         mmbench.score([{**_mmb(0, 0, "A", "A"), "answer": None}])

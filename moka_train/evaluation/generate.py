@@ -8,7 +8,11 @@ as JSONL, atomically.
 
 One prediction per question::
 
-    {"index": 3, "id": "music_avqa/test/4", "prediction": "two", "answer": "two", <the record's metadata>...}
+    {"index": 3, "id": "music_avqa/test/4", "prediction": "two", "raw_output": "two</s>", "answer": "two", ...}
+
+``prediction`` is the answer decoded without special tokens and stripped; ``raw_output`` the same tokens up to and
+including the stop token, decoded with special tokens kept and not stripped (as MokA's evaluation scripts decode,
+``batch_decode(..., skip_special_tokens=False)``: its scoring rules read that text, e.g. ``"A </s>"``).
 
 ``answer`` is the record's target text (its final assistant turn, which the inference dataset drops from the
 prompt; ``<answer>X</answer>`` for a tagged target), falling back to ``metadata["answer"]`` for a record without
@@ -101,12 +105,13 @@ def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     return ids
 
 
-def until_stop(new_tokens: Tensor, stop_ids: int | Sequence[int]) -> list[list[int]]:
+def until_stop(new_tokens: Tensor, stop_ids: int | Sequence[int], keep_stop: bool = False) -> list[list[int]]:
     """Each row's tokens before its first stop id (``generate``'s ``eos_token_id``: one id or several): a stop id
-    that is no special token (which decoding would skip) stays out of the answer too."""
+    that is no special token (which decoding would skip) stays out of the answer too. ``keep_stop``: the stop
+    token itself kept (what follows it, padding, is still cut)."""
     ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     stops = torch.isin(new_tokens, torch.tensor(ids, dtype=new_tokens.dtype))
-    ends = torch.where(stops.any(-1), stops.int().argmax(-1), new_tokens.shape[-1])
+    ends = torch.where(stops.any(-1), stops.int().argmax(-1) + int(keep_stop), new_tokens.shape[-1])
     return [row[:end].tolist() for row, end in zip(new_tokens, ends.tolist(), strict=True)]
 
 
@@ -167,14 +172,17 @@ def generate_predictions(
                 fits = [_fits(collator, sample) for sample in samples]
                 kept = [sample for sample, fit in zip(samples, fits, strict=True) if fit]
                 answers: list[str] = []
+                raw_outputs: list[str] = []
                 if kept or in_step:  # under ZeRO-3 a filler batch (nothing to answer) keeps the ranks in step
                     batch = collator(kept or [_filler(dataset, indices, collator)])
-                    new_tokens = model.generate(batch_to_device(batch, device), **settings)
+                    new_tokens = model.generate(batch_to_device(batch, device), **settings).cpu()
                     if kept:
-                        answers = tokenizer.batch_decode(
-                            until_stop(new_tokens.cpu(), settings["eos_token_id"]), skip_special_tokens=True
+                        stops = settings["eos_token_id"]
+                        answers = tokenizer.batch_decode(until_stop(new_tokens, stops), skip_special_tokens=True)
+                        raw_outputs = tokenizer.batch_decode(
+                            until_stop(new_tokens, stops, keep_stop=True), skip_special_tokens=False
                         )
-                answer = iter(answers)
+                answer, raw_output = iter(answers), iter(raw_outputs)
                 for index, sample, fit in zip(chunk, samples, fits, strict=True):
                     record = records[index] if records is not None else sample
                     predictions.append(
@@ -183,6 +191,7 @@ def generate_predictions(
                             "index": index,
                             "id": sample.id,
                             "prediction": next(answer).strip() if fit else "",
+                            "raw_output": next(raw_output) if fit else "",
                             "answer": target_text(record),
                             **({} if fit else {"dropped": True}),
                         }

@@ -24,9 +24,10 @@ share). Read when present: ``circular_offset`` (which pass; the pass-0 row names
 ``moka_compat`` (MokA's ``eval_mmbench.py`` ``check``): every row scored alone (no CircularEval), sampler
 padding duplicates counted; the response stripped and lower-cased, then the first of ``'a '``, ``'b '``,
 ``'c '``, ``'d '``, ``'e '`` that is a substring gives the option (so "a cat" -> A); none -> wrong (and
-counted in ``unparsable``). MokA decoded with special tokens kept, so a finished answer reads ``A </s>``;
-a bare ``A`` (how ``generate`` decodes) has no ``'a '`` and fails: the rule is applied to predictions as
-given. ``(A) </s>`` fails too (``a)``, not ``a ``).
+counted in ``unparsable``). MokA decoded with special tokens kept, so a finished answer reads ``A </s>``
+(Llama-2-chat's format generates a space before ``</s>``); the rule reads ``raw_output`` where a record has it
+(``generate`` decodes the same way there; ``prediction`` is the bare ``A``, which has no ``'a '``), else
+``prediction`` (MokA's released outputs). ``(A) </s>`` fails too (``a)``, not ``a ``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def can_infer(answer: Any, choices: Mapping[str, Any]) -> str | None:
     """VLMEvalKit's ``can_infer``: option match, then text match; None when neither decides."""
     answer = "" if answer is None else str(answer)
     return can_infer_option(answer, choices) or can_infer_text(answer, choices)
+
+
+def moka_response(record: Mapping[str, Any]) -> Any:
+    """The text MokA's scripts scored: ``raw_output`` (special tokens kept, as they decoded) when the record has
+    it, else ``prediction``."""
+    return record["raw_output"] if "raw_output" in record else record["prediction"]
 
 
 def parse_moka(response: Any) -> str | None:
@@ -201,7 +208,7 @@ def _score_official(predictions: Sequence[Mapping[str, Any]]) -> BenchmarkScore:
 def _score_moka(predictions: Sequence[Mapping[str, Any]]) -> BenchmarkScore:
     correct = unparsable = 0
     for position, record in enumerate(predictions):
-        pred = parse_moka(record["prediction"])
+        pred = parse_moka(moka_response(record))
         unparsable += pred is None
         correct += pred == gt_letter(record, position)
     result = {"overall": accuracy_row(correct, len(predictions))}

@@ -20,7 +20,8 @@ records given (build the records with image dimensions only for the usual image 
 
 ``moka_compat`` (the official MokA scoring, the same ``'a '`` substring rule as its MMBench script,
 ``mmbench.parse_moka``): every record scored, padding duplicates included; the first of ``'a '``..``'e '`` in
-the stripped, lower-cased answer gives the option, none -> wrong (counted in ``unparsable``). MokA ran all
+the stripped, lower-cased answer gives the option, none -> wrong (counted in ``unparsable``); it reads
+``raw_output`` (decoded with special tokens, as MokA's script did) where a record has it. MokA ran all
 questions, video ones on their first frame (40.80).
 """
 
@@ -31,7 +32,13 @@ from typing import Any
 
 from moka_train.evaluation.metrics import MOKA_COMPAT, OFFICIAL, BenchmarkScore, check_mode, require_fields
 from moka_train.evaluation.metrics.common import accuracy_row, first_per_id
-from moka_train.evaluation.metrics.mmbench import can_infer_option, can_infer_text, gt_letter, parse_moka
+from moka_train.evaluation.metrics.mmbench import (
+    can_infer_option,
+    can_infer_text,
+    gt_letter,
+    moka_response,
+    parse_moka,
+)
 
 BENCHMARK = "seed_bench"
 FIELDS = ("id", "prediction", "answer", "question_type_id")
@@ -105,7 +112,7 @@ def score(predictions: Sequence[Mapping[str, Any]], mode: str = OFFICIAL) -> Ben
     check_mode(mode)
     require_fields(predictions, FIELDS, BENCHMARK)
     if mode == MOKA_COMPAT:
-        rows, unparsable = _score(predictions, lambda record: parse_moka(record["prediction"]))
+        rows, unparsable = _score(predictions, lambda record: parse_moka(moka_response(record)))
         counts = {"total": len(predictions), "scored": len(predictions), "unparsable": unparsable}
         notes = [
             "MokA rule: an answer with none of 'a '..'e ' is counted wrong (kept in the denominator)",
