@@ -17,7 +17,12 @@ from moka_train.data.datasets.music_avqa import build_music_avqa, target_formatt
 from moka_train.data.media import build_media_loader
 from moka_train.evaluation import generate as generation
 from moka_train.evaluation.accuracy import MUSIC_AVQA_TYPE, accuracy_by, format_accuracy_table, normalize_answer
-from moka_train.evaluation.generate import gather_predictions, generate_predictions, write_predictions
+from moka_train.evaluation.generate import (
+    check_generation_settings,
+    gather_predictions,
+    generate_predictions,
+    write_predictions,
+)
 from moka_train.models.build import build_multimodal_lm
 from tests.helpers import randomize_adapters
 from tests.test_collate import preset
@@ -170,8 +175,12 @@ def test_bad_settings_are_refused(setup):
         generate_predictions(model, training, collator)
     with pytest.raises(ValueError, match="rank < world_size"):
         generate_predictions(model, dataset, collator, rank=2, world_size=2)
-    with pytest.raises(ValueError, match="num_return_sequences=2 is not supported"):
+    with pytest.raises(ValueError, match="num_return_sequences=2: one answer per question"):
         generate_predictions(model, dataset, collator, num_beams=2, num_return_sequences=2)
+    with pytest.raises(ValueError, match=r"generation_kwargs\.top_p=0\.9 only shape\(s\) sampling"):
+        generate_predictions(model, dataset, collator, top_p=0.9)
+    check_generation_settings({"do_sample": True, "temperature": 0.7, "top_p": 0.9})  # sampling: honoured
+    check_generation_settings({"temperature": None, "max_new_tokens": 4})  # unset: nothing to ignore
 
 
 # -- accuracy -----------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,29 @@ def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     return ids
 
 
+# Settings that only shape sampling: under greedy decoding transformers ignores them with a log line, and the
+# evaluation record would still list them as if they had decided the answers.
+SAMPLING_ONLY = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+def check_generation_settings(settings: Mapping[str, Any], where: str = "generation") -> None:
+    """Refuse what ``generate_predictions`` cannot honour: several answers per sample, and sampling settings
+    without ``do_sample``, naming the key."""
+    if settings.get("num_return_sequences", 1) != 1:
+        # one prediction per sample is what the scorers read; several would be paired with the wrong samples
+        raise ValueError(
+            f"{where}.num_return_sequences={settings['num_return_sequences']}: one answer per question is written "
+            "(beam search keeps its best beam)"
+        )
+    if not settings.get("do_sample", False):
+        ignored = [key for key in SAMPLING_ONLY if settings.get(key) is not None]
+        if ignored:
+            given = ", ".join(f"{where}.{key}={settings[key]}" for key in ignored)
+            raise ValueError(
+                f"{given} only shape(s) sampling, and decoding is greedy: add {where}.do_sample=true, or remove it"
+            )
+
+
 def until_stop(new_tokens: Tensor, stop_ids: int | Sequence[int], keep_stop: bool = False) -> list[list[int]]:
     """Each row's tokens before its first stop id (``generate``'s ``eos_token_id``: one id or several): a stop id
     that is no special token (which decoding would skip) stays out of the answer too. ``keep_stop``: the stop
@@ -137,12 +160,7 @@ def generate_predictions(
     batches (one sample, results discarded) until every rank has made the same number of ``generate`` calls.
     """
     check_inference_inputs(dataset, batch_size, "generate_predictions")
-    if generation_kwargs.get("num_return_sequences", 1) != 1:
-        # one prediction per sample is what the scorers read; several would be paired with the wrong samples
-        raise ValueError(
-            f"generate_predictions writes one answer per sample; num_return_sequences="
-            f"{generation_kwargs['num_return_sequences']} is not supported (beam search keeps its best beam)"
-        )
+    check_generation_settings(generation_kwargs, "generation_kwargs")
     if collator.padding_side != "left":
         raise ValueError(f"generation needs left padding; the collator pads {collator.padding_side!r}")
     indices = shard_indices(len(dataset), rank, world_size)

@@ -66,6 +66,13 @@ def check_settings(cfg: DictConfig) -> tuple[Path, list[str]]:
         raise UsageError("seed_mode=likelihood is scored by the official rule only (MokA generated answers)")
     if cfg.benchmark is not None and cfg.benchmark not in BENCHMARKS:
         raise UsageError(f"unknown benchmark {cfg.benchmark!r}; known: {', '.join(BENCHMARKS)}")
+    if cfg.seed_mode != LIKELIHOOD:
+        from moka_train.evaluation.generate import check_generation_settings
+
+        try:
+            check_generation_settings(OmegaConf.to_container(cfg.generation, resolve=True))
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     adapter_modalities(cfg)
     run_dir = check_run_dir(cfg.run_dir)
     if cfg.mode == BOTH:
