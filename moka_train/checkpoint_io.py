@@ -59,3 +59,9 @@ def write_atomic(path: Path, write: Callable[[str], object]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` to ``path`` as UTF-8, atomically (``write_atomic``). UTF-8 whatever the locale: a config holding
+    a non-ASCII path, written in an ASCII or Latin-1 locale, would otherwise fail or read back wrong."""
+    write_atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

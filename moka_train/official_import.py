@@ -99,7 +99,7 @@ from torch import Tensor
 from moka_train.adapters.checkpoint import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from moka_train.adapters.checkpoint import WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from moka_train.adapters.config import ATTN_SCALES, DEFAULT_TARGET_MODULES, AdapterConfig
-from moka_train.checkpoint_io import write_atomic
+from moka_train.checkpoint_io import write_atomic, write_text_atomic
 from moka_train.models.projector import ProjectorConfig, QFormerProjector
 from moka_train.models.trainables import ADAPTER_DIR, MANIFEST_NAME
 from moka_train.models.trainables import FORMAT_VERSION as TRAINABLES_FORMAT_VERSION
@@ -302,7 +302,7 @@ def read_adapter_config_json(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such adapter config file")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise OfficialImportError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(raw, dict):
@@ -894,7 +894,7 @@ def write_imported(
         write_atomic(adapter_dir / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
         config = {"library": "moka_train", **result.adapter_config.to_dict(), "base_model_name_or_path": None}
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        write_atomic(adapter_dir / ADAPTER_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        write_text_atomic(adapter_dir / ADAPTER_CONFIG_NAME, text)
     state = {
         f"projectors.{modality}.{key}": tensor
         for modality, weights in result.projectors.items()
@@ -914,5 +914,5 @@ def write_imported(
         },
     }
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    write_atomic(directory / MANIFEST_NAME, lambda tmp: Path(tmp).write_text(text))
+    write_text_atomic(directory / MANIFEST_NAME, text)
     return directory

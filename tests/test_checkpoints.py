@@ -3,6 +3,7 @@ explicit resume refused across configurations, and RNG states that replay the sa
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -114,6 +115,38 @@ def test_rng_states_replay_the_same_draws(tmp_path):
     assert [draws() for _ in range(3)] == expected
     with pytest.raises(FileNotFoundError, match="rank-00001.pt is missing"):
         load_rng(tmp_path, rank=1)
+
+
+@pytest.fixture
+def ascii_locale():
+    """The locale of a bare container or a cluster job without LANG (C, ASCII text by default), in this process;
+    the previous one comes back."""
+    import locale
+
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        if locale.getpreferredencoding(False).lower().replace("-", "") == "utf8":
+            pytest.skip("Python runs in UTF-8 mode here: the locale does not choose the text encoding")
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+
+
+def test_text_files_are_utf8_whatever_the_locale(tmp_path, ascii_locale):
+    """A run's config.yaml holds its paths and prompts: a non-ASCII one (a user's home folder, a prompt in
+    another language) failed to save under an ASCII locale, or would read back differently under another."""
+    from moka_train.checkpoint_io import write_text_atomic
+    from moka_train.training.checkpoints import FORMAT_VERSION, META_NAME, read_meta
+
+    text = "root: /data/Müller/MUSIC-AVQA  # 音乐\n"
+    with pytest.raises(UnicodeEncodeError):
+        (tmp_path / "plain.yaml").write_text(text)  # what the writers did before
+    write_text_atomic(tmp_path / "config.yaml", text)
+    assert (tmp_path / "config.yaml").read_bytes() == text.encode("utf-8")
+    meta = {"format_version": FORMAT_VERSION, "note": "é"}
+    (tmp_path / META_NAME).write_bytes(json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+    assert read_meta(tmp_path)["note"] == "é"  # read back as UTF-8 too
 
 
 def test_write_atomic_flushes_the_data_before_the_rename(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from moka_train.adapters.config import AdapterConfig
 from moka_train.adapters.model import _find_handle, adapter_handle, adapter_named_parameters, inject_adapters
 from moka_train.adapters.registry import available_methods, get_method
-from moka_train.checkpoint_io import full_precision, gathered, is_writer, write_atomic
+from moka_train.checkpoint_io import full_precision, gathered, is_writer, write_atomic, write_text_atomic
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -106,7 +106,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         config_dict = {"library": "moka_train", **config.to_dict(), "base_model_name_or_path": base_model_name_or_path}
     write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
     text = json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
-    write_atomic(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    write_text_atomic(directory / CONFIG_NAME, text)
     return directory
 
 
@@ -116,7 +116,7 @@ def read_adapter_config(directory: str | os.PathLike) -> AdapterConfig:
     if not path.is_file():
         raise FileNotFoundError(f"no adapter config at {path}")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     try:
@@ -240,7 +240,7 @@ def _peft_config_dict(config: AdapterConfig, base_model_name_or_path: str | None
     with tempfile.TemporaryDirectory() as tmp:
         # peft's own writer, so the file is exactly what PeftModel.from_pretrained expects.
         peft_config.save_pretrained(tmp)
-        return json.loads((Path(tmp) / CONFIG_NAME).read_text())
+        return json.loads((Path(tmp) / CONFIG_NAME).read_text(encoding="utf-8"))
 
 
 def _method_from_peft(raw: dict) -> str:

@@ -67,6 +67,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from moka_train.checkpoint_io import write_text_atomic
 from moka_train.data.media import MediaLoader, read_audio, read_video_frames
 from moka_train.data.records import MediaRef, Record
 
@@ -392,7 +393,7 @@ def extract_media(
         settings_file = directory / SETTINGS_NAME
         if not settings_file.is_file():
             body = json.dumps({"format_version": FORMAT_VERSION, "settings": settings}, indent=2)
-            _write_text_atomic(settings_file, body)
+            write_text_atomic(settings_file, body)
         report.directories.append(str(directory))
     todo = [task for task in tasks if not _is_done(task)]
     report.already_done = len(tasks) - len(todo)
@@ -417,9 +418,3 @@ def extract_media(
         more = f" and {len(report.failed) - 5} more" if len(report.failed) > 5 else ""
         warnings.warn(f"{len(report.failed)} media items could not be extracted: {shown}{more}", stacklevel=2)
     return report
-
-
-def _write_text_atomic(target: Path, text: str) -> None:
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, target)

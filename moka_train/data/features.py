@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from moka_train.checkpoint_io import write_atomic
+from moka_train.checkpoint_io import write_atomic, write_text_atomic
 from moka_train.data.records import MediaRef
 
 FORMAT_VERSION = 1
@@ -101,12 +101,12 @@ class FeatureCache:
             return
         config_file = self.directory / CONFIG_NAME
         if config_file.is_file():
-            saved = json.loads(config_file.read_text())
+            saved = json.loads(config_file.read_text(encoding="utf-8"))
             if saved.get("config") != json.loads(json.dumps(self.config, default=str)):
                 raise ValueError(f"{config_file} describes another configuration than this cache's: {saved}")
         for manifest_path in sorted(self.directory.glob("shard-*.json")):
             try:
-                manifest = json.loads(manifest_path.read_text())
+                manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
                 entry = _Entry(self.directory / manifest["shard"], int(manifest["size"]), manifest["sha256"])
                 keys = manifest["keys"]
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
@@ -199,7 +199,7 @@ class CacheWriter:
         config_file = directory / CONFIG_NAME
         if not config_file.is_file():
             text = json.dumps({"format_version": FORMAT_VERSION, "config": self.cache.config}, indent=2, default=str)
-            write_atomic(config_file, lambda tmp: Path(tmp).write_text(text + "\n"))
+            write_text_atomic(config_file, text + "\n")
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -239,7 +239,7 @@ class CacheWriter:
             "sha256": _sha256(shard),
             "keys": self._keys,
         }
-        write_atomic(directory / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest) + "\n"))
+        write_text_atomic(directory / f"{stem}.json", json.dumps(manifest) + "\n")
         entry = _Entry(shard, manifest["size"], manifest["sha256"])
         for key in self._keys:
             self.cache._index[key] = entry

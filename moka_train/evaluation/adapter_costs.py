@@ -152,7 +152,7 @@ def backbone_from_checkpoint(path: str | os.PathLike, name: str | None = None) -
     config_file = directory / "config.json"
     if not (path.is_dir() or path.name == "config.json") or not config_file.is_file():
         raise FileNotFoundError(f"{path}: expected a checkpoint directory holding config.json, or that config.json")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
     if model_type not in LOADERS:
         raise ValueError(f"{config_file}: model_type {model_type!r}; the backbones moka-train loads: {sorted(LOADERS)}")
     if model_type == QWEN2_5_VL_MODEL_TYPE:
@@ -457,6 +457,6 @@ def write_outputs(table: CostTable, out_dir: str | os.PathLike) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     markdown, table_csv = out / "adapter_costs.md", out / "adapter_costs.csv"
-    markdown.write_text(to_markdown(table))
-    table_csv.write_text(to_csv(table))
+    markdown.write_text(to_markdown(table), encoding="utf-8")
+    table_csv.write_text(to_csv(table), encoding="utf-8")
     return [markdown, table_csv]

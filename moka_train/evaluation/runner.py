@@ -317,13 +317,13 @@ def write_and_score(
     """Write ``evaluation.json`` (``record``, from ``evaluation_record``), ``predictions.jsonl`` and ``score.json``
     into ``out_dir``; returns ``{mode: score}``. For partial-modality inference ``adapter_path`` is (its name, its
     modalities or None for all), written to ``adapter_path.json`` beside them."""
-    from moka_train.checkpoint_io import write_atomic
+    from moka_train.checkpoint_io import write_text_atomic
     from moka_train.evaluation.generate import write_predictions
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # First: predictions never sit in a folder without the settings that decided them.
     text = json.dumps(record, indent=2) + "\n"
-    write_atomic(out_dir / EVALUATION_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text_atomic(out_dir / EVALUATION_FILE, text)
     path = write_predictions(out_dir / PREDICTIONS_FILE, predictions)
     if adapter_path is not None:
         # Written before the score: a score.json never sits in an analysis folder without its marker.

@@ -72,11 +72,11 @@ def write_scores(scores: Mapping[str, BenchmarkScore], path: Path) -> None:
     """``{mode: score.to_dict()}`` as JSON at ``path``, written atomically."""
     # Imported here: checkpoint_io loads torch (seconds), which nothing else here needs, so --help and the
     # refusals of bad input stay instant.
-    from moka_train.checkpoint_io import write_atomic
+    from moka_train.checkpoint_io import write_text_atomic
 
     text = json.dumps({mode: score.to_dict() for mode, score in scores.items()}, indent=2) + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_text_atomic(path, text)
     except OSError as error:
         raise UsageError(f"{path}: cannot write the scores ({error.strerror or error})") from None

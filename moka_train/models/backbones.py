@@ -66,7 +66,7 @@ def load_backbone(path: str | os.PathLike, dtype: str | torch.dtype = "bf16") ->
             f"backbone checkpoint {directory}: no config.json there (model.backbone.path must be a local Hugging "
             "Face checkpoint directory; nothing is downloaded)"
         )
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
     if model_type not in LOADERS:
         raise ValueError(f"backbone {directory} has model_type {model_type!r}; supported: {sorted(LOADERS)}")
     return keep_only_token_ids(freeze(LOADERS[model_type](directory, dtype)))

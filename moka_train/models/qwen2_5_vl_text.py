@@ -135,7 +135,7 @@ def qwen2_config_from_qwen2_5_vl(directory: str | os.PathLike, dtype: torch.dtyp
     config_file = directory / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"Qwen2.5-VL checkpoint {directory}: no {CONFIG_NAME} there")
-    raw = json.loads(config_file.read_text())
+    raw = json.loads(config_file.read_text(encoding="utf-8"))
     if raw.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{config_file}: model_type is {raw.get('model_type')!r}, expected {MODEL_TYPE!r}")
 
@@ -163,7 +163,7 @@ def _checkpoint_keys(directory: Path) -> tuple[dict[str, Path], Path]:
             return dict.fromkeys(handle.keys(), single), single
     if not index.is_file():
         raise FileNotFoundError(f"Qwen2.5-VL checkpoint {directory}: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}")
-    weight_map = json.loads(index.read_text()).get("weight_map")
+    weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index}: no weight_map")
     keys = {key: directory / shard for key, shard in weight_map.items()}

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from moka_train.adapters import carries_adapters, load_adapter, save_adapter
-from moka_train.checkpoint_io import full_precision, gathered, is_writer, write_atomic
+from moka_train.checkpoint_io import full_precision, gathered, is_writer, write_atomic, write_text_atomic
 from moka_train.models.mllm import MultimodalLM
 
 FORMAT_VERSION = 1
@@ -71,7 +71,7 @@ def save_trainables(model: MultimodalLM, directory: str | os.PathLike) -> Path:
     }
     write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    write_atomic(directory / MANIFEST_NAME, lambda tmp: Path(tmp).write_text(text))
+    write_text_atomic(directory / MANIFEST_NAME, text)
     return directory
 
 
@@ -86,7 +86,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
             f"{directory} has no {MANIFEST_NAME}: not a trainables checkpoint, or an unfinished save"
         )
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if manifest.get("format_version") != FORMAT_VERSION:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from moka_train.checkpoint_io import write_atomic
+from moka_train.checkpoint_io import write_text_atomic
 from moka_train.training.checkpoints import no_barrier, read_meta, step_name, write_staging
 
 logger = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class BestTrainables:
             if (self.run_dir / CONFIG_NAME).is_file():
                 shutil.copyfile(self.run_dir / CONFIG_NAME, staging / CONFIG_NAME)
             text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-            write_atomic(staging / RECORD_NAME, lambda tmp: Path(tmp).write_text(text))
+            write_text_atomic(staging / RECORD_NAME, text)
             os.replace(staging, final)
             _point(self.link, final)
             self.prune()

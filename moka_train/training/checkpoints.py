@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moka_train.checkpoint_io import write_atomic
+from moka_train.checkpoint_io import write_atomic, write_text_atomic
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
@@ -108,7 +108,7 @@ class CheckpointManager:
         if self.rank == 0:
             record = {"format_version": FORMAT_VERSION, "step": step, **meta}
             text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
-            write_atomic(staging / META_NAME, lambda tmp: Path(tmp).write_text(text))
+            write_text_atomic(staging / META_NAME, text)
             replaced = None
             if final.exists():  # the same step saved again (a resumed run re-reaching it)
                 # Renamed away whole, then removed: a kill during the removal leaves a staging folder (removed by the
@@ -128,7 +128,7 @@ def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
     path = Path(checkpoint) / META_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no {META_NAME})")
-    meta = json.loads(path.read_text())
+    meta = json.loads(path.read_text(encoding="utf-8"))
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} has format_version {meta.get('format_version')!r}; this version reads {FORMAT_VERSION}"

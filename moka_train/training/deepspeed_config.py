@@ -56,7 +56,7 @@ def load_deepspeed_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
         presets = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
         raise FileNotFoundError(f"DeepSpeed config {path} does not exist (presets: {presets})")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(config, dict):

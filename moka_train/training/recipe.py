@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from moka_train.checkpoint_io import write_atomic
+from moka_train.checkpoint_io import write_text_atomic
 from moka_train.data.caching import fill_feature_caches, open_caches
 from moka_train.data.collate import ON_OVERFLOW, MultimodalCollator, batch_to_device
 from moka_train.data.dataset import MultimodalDataset
@@ -511,7 +511,7 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
         )
     if ctx.is_main:
         text = OmegaConf.to_yaml(cfg, resolve=True)
-        write_atomic(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+        write_text_atomic(run_dir / "config.yaml", text)
     logger.info("run directory %s (%d rank(s) on %s)", run_dir, ctx.world_size, ctx.device)
 
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank

@@ -38,7 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from moka_train.checkpoint_io import write_atomic
+from moka_train.checkpoint_io import write_text_atomic
 
 BACKENDS = ("none", "wandb", "tensorboard")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -122,11 +122,11 @@ class _WandbBackend(_Backend):
         import wandb
 
         id_path = run_dir / WANDB_ID_NAME
-        run_id = id_path.read_text().strip() if resume and id_path.is_file() else ""
+        run_id = id_path.read_text(encoding="utf-8").strip() if resume and id_path.is_file() else ""
         if not run_id:
             # W&B run ids: lowercase letters and digits (wandb.util has no public generator)
             run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-            write_atomic(id_path, lambda tmp: Path(tmp).write_text(run_id + "\n"))
+            write_text_atomic(id_path, run_id + "\n")
         self.run = wandb.init(
             project=project,
             name=name,
