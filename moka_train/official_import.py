@@ -30,7 +30,8 @@ Three kinds (``KINDS``), each read from plain state dicts (what ``torch.load`` o
     with ``<llm>`` the LLaVA language model (``base_model.model.model.language_model.`` in a
     transformers-4.53 save; ``model.language_model.``, ``base_model.model.language_model.model.`` and
     ``language_model.model.`` are accepted). s multiplies B's output (``scaling_position: after_b``), the
-    attention scale is 1/sqrt(r) and lambda is ``attn_weight`` (section 2b).
+    attention scale is 1/sqrt(r), lambda is ``attn_weight`` (section 2b), and the keys are every unsupervised
+    token after the last image token (``question_keys: after_media``).
 
 ``crab_projector``: Crab's stage-1 ``visual_pretrain.bin`` / ``audio_pretrain.bin`` (``model.vl_projector.``,
     ``model.al_projector.`` and the whole ``model.embed_tokens.weight``). The same projector keys are
@@ -717,6 +718,7 @@ class _MokaSpec:
 
     modalities: tuple[str, ...]
     scaling_position: str
+    question_keys: str  # which prompt tokens its layer takes as keys (AdapterConfig.question_keys)
     lambda_field: str  # its adapter_config.json field
     defaults: dict[str, tuple[Any, str]]  # option -> (the official value, where it is set)
 
@@ -725,6 +727,7 @@ _MOKA_SPECS = {
     "avt": _MokaSpec(
         modalities=("text", "visual", "audio"),
         scaling_position="before_attention",
+        question_keys="span",  # <question_start> ... <question_end>
         lambda_field="blc_weight",
         defaults={
             "alpha": (OFFICIAL_ALPHA, "finetune.py's hard-coded lora_alpha"),
@@ -735,6 +738,7 @@ _MOKA_SPECS = {
     "vt": _MokaSpec(
         modalities=("text", "visual"),
         scaling_position="after_b",
+        question_keys="after_media",  # every unsupervised token after the last image token
         lambda_field="attn_weight",
         defaults={
             "alpha": (OFFICIAL_ALPHA, "train.py's lora_alpha"),
@@ -778,8 +782,9 @@ def convert_vt(
 ) -> ImportedCheckpoint:
     """A VT MokA checkpoint (the HF Trainer's full save of the PeftMixedModel) in our formats: the ``text`` /
     ``image`` adapters and the ``multi_modal_projector``, with the AdapterConfig it implies: ``method: moka``,
-    modalities text / visual, ``scaling_position: after_b``, ``attn_scale: rank`` (its code's d_k = r), the
-    rank from the shapes, alpha 16, lambda 0.05 (``attn_weight``) and dropout 0.05 unless ``official_config``
+    modalities text / visual, ``scaling_position: after_b``, ``attn_scale: rank`` (its code's d_k = r),
+    ``question_keys: after_media`` (its question mask: every unsupervised token after the image), the rank from
+    the shapes, alpha 16, lambda 0.05 (``attn_weight``) and dropout 0.05 unless ``official_config``
     (``lora_alpha``, ``attn_weight``, ``lora_dropout``) or the arguments say otherwise."""
     for option in ("use_rslora", "use_dora"):
         if official_config is not None and official_config.get(option):
@@ -818,6 +823,7 @@ def _convert_moka(
     dropout = _pick("dropout", dropout, official_config, "lora_dropout", spec.defaults["dropout"], provenance)
     provenance["attn_scale"] = f"{attn_scale} ({attn_scale_source})"
     provenance["scaling_position"] = f"{spec.scaling_position} (where the official {kind.upper()} layer applies s)"
+    provenance["question_keys"] = f"{spec.question_keys} (the official {kind.upper()} code's question mask)"
     try:
         config = AdapterConfig(
             method="moka",
@@ -829,6 +835,7 @@ def _convert_moka(
             cross_attn_lambda=float(lam),
             attn_scale=attn_scale,
             scaling_position=spec.scaling_position,
+            question_keys=spec.question_keys,
         )
     except (TypeError, ValueError) as error:
         raise OfficialImportError(f"the implied adapter config is invalid: {error}") from None

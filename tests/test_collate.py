@@ -272,6 +272,34 @@ def test_a_token_straddling_the_prompt_end_is_supervised():
     assert tokenizer.convert_ids_to_tokens(labels.tolist()) == ["piano", "<|im_end|>"]
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_after_media_keys_are_every_unsupervised_prompt_token_after_the_last_placeholder(training):
+    """question_keys="after_media", the official visual-text code's mask (not an image token, not supervised,
+    after the last image token): with Llama-2-chat's template that is "<image_end>", the question and the
+    template's " [/INST]", training or not; never the answer, and nothing for a sample without media."""
+    tokenizer = make_tokenizer("llama2_chat")
+    tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    before, question = "This is an image:\n<image_start><image><image_end>\n", "Please answer this question: Who?"
+    image = sample("vt", before, question, answer="A cat." if training else None, media={"visual": [IMAGE]})
+    text_only = sample("text", "", question, answer="A cat." if training else None)
+    collator = MultimodalCollator(tokenizer, TOKENS, question_keys="after_media", padding_side="right")
+    batch = collator([image, text_only])
+    row = unpadded(batch, 0)
+    keys = row["input_ids"][row["question_mask"]]
+    assert decode(tokenizer, keys).replace(" ", "") == "<image_end>\nPleaseanswerthisquestion:Who?[/INST]"
+    last_media = int((row["modality_ids"] != int(Modality.TEXT)).nonzero().max())
+    positions = row["question_mask"].nonzero().flatten().tolist()
+    assert positions[0] == last_media + 1 and positions == list(range(positions[0], positions[-1] + 1))
+    if training:
+        assert not (row["question_mask"] & (row["labels"] != IGNORE_INDEX)).any()
+        assert positions[-1] + 1 == int((row["labels"] != IGNORE_INDEX).nonzero().min())  # up to the answer
+    else:
+        assert positions[-1] == len(row["input_ids"]) - 1  # up to the prompt's end
+    assert not batch["question_mask"][1].any()
+    span = MultimodalCollator(tokenizer, TOKENS, padding_side="right")([image])["question_mask"][0]
+    assert decode(tokenizer, batch["input_ids"][0][span]).strip() == question  # the default: the span alone
+
+
 # -- the tiny real model ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def built():
@@ -464,6 +492,8 @@ def test_collator_settings_are_checked():
         MultimodalCollator(tokenizer, TOKENS, media_kind="pixels")
     with pytest.raises(ValueError, match="padding_side must be one of"):
         MultimodalCollator(tokenizer, TOKENS, padding_side="middle")
+    with pytest.raises(ValueError, match="question_keys must be one of"):
+        MultimodalCollator(tokenizer, TOKENS, question_keys="everything")
     with pytest.raises(ValueError, match="max_length must be a positive int"):
         MultimodalCollator(tokenizer, TOKENS, max_length=0)
     with pytest.raises(ValueError, match=r"tokens_per_segment\['audio'\] must be a positive int"):

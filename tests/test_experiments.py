@@ -299,3 +299,16 @@ def test_demo_composes_for_both_stages(stage):
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     check_config(cfg)
     assert cfg.model.backbone.initializer_range == 0.1 and cfg.deepspeed.json is None
+
+
+def test_the_official_visual_text_formula_composes_on_table2():
+    """adapter=moka_official_vt on a Table 2 cell: the official VT layer (1/sqrt(r), s after B, lambda 0.05) with
+    its keys, every unsupervised prompt token after the image (VisualText/train/train.py's question mask)."""
+    config = instantiate(composed("table2/llama2_visual", "moka_official_vt", tiny=True).adapter)
+    assert (config.method, config.attn_scale, config.scaling_position) == ("moka", "rank", "after_b")
+    assert (config.question_keys, config.cross_attn_lambda, config.modalities) == (
+        "after_media",
+        0.05,
+        ["text", "visual"],
+    )
+    assert instantiate(composed("table2/llama2_visual", tiny=True).adapter).question_keys == "span"  # the paper's

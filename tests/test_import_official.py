@@ -266,6 +266,7 @@ def test_avt_layers_match_the_official_formula(attn_scale):
     config = result.adapter_config
     assert (config.method, config.rank, config.alpha, config.scaling_position) == ("moka", 4, 16.0, "before_attention")
     assert (config.cross_attn_lambda, config.attn_scale, config.dropout) == (1.0, attn_scale, 0.05)
+    assert config.question_keys == "span"  # <question_start> ... <question_end>
     assert config.modalities == ["text", "visual", "audio"] and config.target_modules == list(DEFAULT_TARGET_MODULES)
     assert len(result.adapter_weights) == len(state) and not result.skipped
     inject_adapters(backbone, config)
@@ -326,6 +327,8 @@ def test_vt_layers_match_the_official_formula():
     result = convert_vt(state, qformer_heads=QF["heads"])
     config = result.adapter_config
     assert (config.scaling_position, config.attn_scale, config.cross_attn_lambda) == ("after_b", "rank", 0.05)
+    # Its question mask: every unsupervised token after the last image token (train.py), not a marked span.
+    assert config.question_keys == "after_media" and "question_keys" in result.provenance
     assert config.modalities == ["text", "visual"] and config.rank == RANK
     assert sorted(result.projectors) == ["visual"]
     assert len(result.skipped[SKIP_VT_IMAGE_B]) == 14

@@ -35,3 +35,24 @@ def test_two_training_steps_and_a_reload(method, demo_runs, tmp_path):
     # The second step moved the adapter: its B's are no longer all zero.
     moved = [p for name, p in adapter_named_parameters(model.llm) if ".lora_B." in name and bool(p.abs().sum() > 0)]
     assert moved, f"{method}: every B is still zero after two steps"
+
+
+def test_the_adapters_question_keys_decide_the_collators_mask(demo_runs):
+    """``adapter.question_keys`` is kept with the adapter so that training and evaluation take the same keys: the
+    recipe's collator marks, for ``after_media``, every prompt token after the last media token."""
+    data = demo_runs["data"]
+    overrides = [
+        "experiment=demo", "stage=instruct", "adapter=moka", "adapter.question_keys=after_media",
+        f"data.builder.root={data}", f"features.cache_dir={data / 'feature_cache'}",
+    ]  # fmt: skip
+    for inference in (False, True):
+        dataset, _, collator, _ = build_data_and_model(compose_config("train", overrides), CPU, inference=inference)
+        assert collator.question_keys == "after_media"
+        batch = collator([dataset[0]])
+        keys = batch["question_mask"][0].nonzero().flatten().tolist()
+        last_media = int((batch["modality_ids"][0] > 0).nonzero().max())
+        assert keys[0] == last_media + 1 and keys == list(range(keys[0], keys[-1] + 1))
+        answer = (batch["labels"][0] != -100).nonzero().flatten() if not inference else None
+        assert keys[-1] + 1 == (int(answer.min()) if answer is not None else batch["input_ids"].shape[1])
+    default = build_data_and_model(compose_config("train", overrides[:3] + overrides[4:]), CPU)[2]
+    assert default.question_keys == "span"

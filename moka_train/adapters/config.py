@@ -16,6 +16,8 @@ FORMAT_VERSION = 1
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTN_SCALES = ("question_tokens", "rank")
 SCALING_POSITIONS = ("after_b", "before_attention")
+# Which prompt tokens are the interaction's keys, i.e. the collator's question_mask (see ``question_keys`` below).
+QUESTION_KEYS = ("span", "after_media")
 
 
 @dataclass
@@ -37,6 +39,10 @@ class AdapterConfig:
       ``rank`` (1/sqrt(r), the newest official code).
     - ``scaling_position``: ``after_b`` (h = W0 x + s B a') or ``before_attention`` (the official
       audio-visual code: s multiplies every A output before the interaction, nothing after B).
+    - ``question_keys``: which prompt tokens the interaction's keys are (the collator's ``question_mask``; kept
+      here so that training and evaluation use the same): ``span`` (the prompt's marked question span: the paper,
+      the official audio-visual code) or ``after_media`` (every unsupervised prompt token after the last media
+      token, the chat template's included: the official visual-text code).
     - ``num_experts``: the experts (LoRAMoE) or B heads (HydraLoRA) of the mixture methods; None: one per
       configured modality.
     - ``aux_loss_weight``: the weight of a method's auxiliary training loss (LoRAMoE's load balancing); methods
@@ -52,6 +58,7 @@ class AdapterConfig:
     cross_attn_lambda: float | dict[str, float] = 1.0
     attn_scale: str = "question_tokens"
     scaling_position: str = "after_b"
+    question_keys: str = "span"
     num_experts: int | None = None
     aux_loss_weight: float = 0.01
 
@@ -93,6 +100,8 @@ class AdapterConfig:
             raise ValueError(
                 f"AdapterConfig.scaling_position must be one of {SCALING_POSITIONS}, got {self.scaling_position!r}"
             )
+        if self.question_keys not in QUESTION_KEYS:
+            raise ValueError(f"AdapterConfig.question_keys must be one of {QUESTION_KEYS}, got {self.question_keys!r}")
         if layer_cls.uses_modalities and "text" not in self.modalities:
             raise ValueError(f"method {self.method!r} needs 'text' in AdapterConfig.modalities (prompts are text)")
         if isinstance(self.rank, dict):

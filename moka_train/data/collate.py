@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from moka_train.adapters.config import QUESTION_KEYS
 from moka_train.data.sample import Sample
 from moka_train.modality import Modality
 from moka_train.models.mllm import IGNORE_INDEX
@@ -65,6 +66,9 @@ class MultimodalCollator:
     is one pad token with no label and no media, and no ``ids``, which the loop runs as a filler; otherwise it is
     an error.
     ``padding_side``: defaults to the tokenizer's; generation needs ``"left"``.
+    ``question_keys``: which prompt tokens ``question_mask`` marks (``QUESTION_KEYS``): ``span`` (the sample's
+    ``question_span``) or ``after_media`` (every prompt token after the last media placeholder; none for a sample
+    without media).
 
     A batch is all training samples (ending with the answer) or all inference samples (ending with the
     user's turn, rendered with the generation prompt).
@@ -79,7 +83,11 @@ class MultimodalCollator:
         padding_side: str | None = None,
         media_kind: str = "raw",
         fill_empty: bool = False,
+        question_keys: str = "span",
     ) -> None:
+        if question_keys not in QUESTION_KEYS:
+            raise ValueError(f"question_keys must be one of {QUESTION_KEYS}, got {question_keys!r}")
+        self.question_keys = question_keys
         if on_overflow not in ON_OVERFLOW:
             raise ValueError(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
         if media_kind not in MEDIA_KINDS:
@@ -189,7 +197,7 @@ class MultimodalCollator:
                 f"{sorted(self.tokens_per_segment)}"
             )
         text, prompt_end, response_end = self.render(sample)
-        question = self.question_chars(sample, text, prompt_end)
+        question = self.question_chars(sample, text, prompt_end) if self.question_keys == "span" else None
         encoded = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
         input_ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
         offsets = torch.tensor(encoded["offset_mapping"], dtype=torch.long).reshape(-1, 2)
@@ -213,6 +221,10 @@ class MultimodalCollator:
                 repeats[positions] = segments * self.tokens_per_segment[name]
 
         question_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        if self.question_keys == "after_media" and bool(placeholder.any()):
+            # Every unsupervised prompt token after the last placeholder (none in a sample without media).
+            after = torch.arange(len(input_ids)) > int(placeholder.nonzero().max())
+            question_mask = after & (ends <= prompt_end)
         if question is not None:
             # Any character of the token inside the span; placeholders are media, never question text.
             question_mask = (starts < question[1]) & (ends > question[0]) & (ends > starts) & ~placeholder

@@ -395,6 +395,7 @@ def build_model_and_collator(
         padding_side="left" if inference else "right",
         media_kind="raw" if cfg.features.cache_dir is None else "features",
         fill_empty=not inference,  # an empty micro-batch runs as a filler (the training loop)
+        question_keys="span" if adapter is None else adapter.question_keys,
     )
     return model, collator
 
