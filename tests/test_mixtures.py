@@ -69,7 +69,7 @@ class TwoLinears(nn.Module):
 
 
 def randomize(model: nn.Module, seed: int = 1, std: float = 0.5, router_std: float = 0.5) -> None:
-    """Random B's (zero at init) and routers (zero at init: uniform routing)."""
+    """Random B's (zero at init) and routers (larger than their kaiming-uniform init)."""
     randomize_adapters(model, seed=seed, std=std)
     generator = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
@@ -228,7 +228,11 @@ def test_aux_loss_equals_hand_computation(num_experts):
 def test_aux_loss_is_zero_for_uniform_routing_and_finite_without_tokens():
     cfg = config("loramoe")
     torch.manual_seed(0)
-    model = inject_adapters(TwoLinears(), cfg).train()  # router zero: pi = 1/N everywhere
+    model = inject_adapters(TwoLinears(), cfg).train()
+    with torch.no_grad():  # router zero: pi = 1/N everywhere
+        for name, parameter in adapter_named_parameters(model):
+            if ".lora_router." in name:
+                parameter.zero_()
     set_routing(model, None)
     model(torch.randn(2, 4, IN))
     assert take_aux_loss(model).item() == 0.0
@@ -280,6 +284,27 @@ def test_training_loramoe_without_routing_is_an_error():
     model = build(config("loramoe")).train()
     with pytest.raises(RoutingError, match="load-balancing loss.*set_routing"):
         model(torch.randn(1, 4, IN))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_breaks_the_symmetry_between_experts(method):
+    """From the real init (B zero, router kaiming-uniform as both official codes): after a few AdamW steps the
+    B heads differ and the routing is not uniform. With a zero router HydraLoRA's heads, behind one shared A, got
+    identical gradients and the router none, so they never parted: a rank-r LoRA with a dead router."""
+    torch.manual_seed(0)
+    model = inject_adapters(TwoLinears(), config(method, target_modules=["q_proj"], aux_loss_weight=0.0)).train()
+    layer = model.q_proj
+    x, target = torch.randn(8, IN), torch.randn(8, OUT)
+    initial_spread = layer.router_probs(x).std(dim=-1).min()
+    optimizer = torch.optim.AdamW([p for _, p in adapter_named_parameters(model)], lr=1e-2)
+    set_routing(model, None)
+    for _ in range(5):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), target).backward()
+        optimizer.step()
+    heads = torch.stack([layer.lora_B[str(e)].weight.detach() for e in range(layer.num_experts)])
+    assert heads.abs().max() > 0 and (heads - heads[0]).abs().amax(dim=(1, 2))[1:].min() > 1e-4
+    assert initial_spread > 0  # the routing was not uniform from the start
 
 
 def test_aux_loss_gradient_reaches_the_router_only():

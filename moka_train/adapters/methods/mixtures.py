@@ -10,8 +10,11 @@ router W_r (N x k, no bias) that reads each token's input x (before LoRA dropout
 Every token goes through every expert (dense mixtures): all A's in one matmul (``fused_down``), each expert's
 column block scaled by its router weight, all B's in one matmul (``fused_up``); no loop over experts. The router
 does not depend on modalities: a token's modality takes no part in its delta. Init: A kaiming-uniform, B zero
-(the adapted model starts equal to the base), router zero (uniform routing, pi_e = 1/N, at the start; the
-official codes use kaiming-uniform, which on LLM hidden states can start close to one-hot). Parameter names
+(the adapted model starts equal to the base), and the router kaiming-uniform, as both official codes do. A zero
+router would never train HydraLoRA as a mixture: with uniform routing and every head at zero behind one shared A,
+all heads get the same gradient and the router none (its logits' gradient is pi_e (g_e - sum pi g) = 0), so the
+heads stay equal and the layer stays a rank-r LoRA. LoRAMoE's distinct A's would break that tie; HydraLoRA's
+shared A cannot. Parameter names
 (the checkpoint format): ``lora_A.<e>.weight`` / ``lora_A.shared.weight``, ``lora_B.<e>.weight`` with e = 0 .. N-1,
 and ``lora_router.weight``.
 
@@ -20,9 +23,12 @@ LoRAMoE's load-balancing loss (training only)
 LoRAMoE's "localized balancing constraint" (Dou et al., 2023, section 3.3) takes the importance matrix
 Q[e, b] = sum over the tokens of sample b of pi_e, weights it by I[e, b] = 1 + delta when expert e's group
 matches sample b's type (world knowledge vs. downstream task) and 1 - delta otherwise, and penalises the squared
-coefficient of variation of all entries of I * Q. Our batches carry no such sample type, and with delta = 0 the
-constraint is the plain squared coefficient of variation of the experts' importance, which is Shazeer et al.'s
-(2017) importance loss, the one LoRAMoE's builds on. That is what this layer adds, per adapted layer and batch:
+coefficient of variation of all entries of I * Q. Our batches carry no such sample type (delta = 0), and this
+layer takes the importance over the whole batch rather than per sample: Shazeer et al.'s (2017) importance loss,
+the one LoRAMoE's builds on. That is not what the constraint becomes with delta = 0: the per-sample form also
+penalises each sample routing to its own expert (two samples each all on a different expert: batch-level 0,
+per-sample 4/3), and without the official code's padded positions, sample lengths would enter it. What this
+layer adds, per adapted layer and batch:
 
     importance_e = sum over the batch's non-pad tokens i of pi_e(x_i)
     cv2          = Var(importance) / (Mean(importance)^2 + 1e-10)     Var over the N experts, population (1/N)
@@ -98,7 +104,8 @@ class RoutedMixtureLinear(AdaptedLinear):
         self.lora_A = nn.ModuleDict(self.new_downs())
         self.lora_B = nn.ModuleDict({str(e): self._new_up(self.rank) for e in range(self.num_experts)})
         self.lora_router = nn.Linear(self.in_features, self.num_experts, bias=False, **self._factory())
-        nn.init.zeros_(self.lora_router.weight)
+        # As the official codes: a zero router would leave HydraLoRA's heads tied (module docstring).
+        nn.init.kaiming_uniform_(self.lora_router.weight, a=5**0.5)
         self.aux_loss_weight = config.aux_loss_weight
         if self.balances_load:
             routing.register_aux_layer()
