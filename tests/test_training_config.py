@@ -150,3 +150,17 @@ def test_deepspeed_bf16_never_applies_nan_gradients_unseen():
     assert math.isfinite(resolved["loss"])
     unchecked = deepspeed_engine("nonfinite", "unchecked")
     assert "DeepSpeed applied non-finite gradients" in unchecked["error"] and not unchecked["unchanged"]
+
+
+def test_fp32_stage_on_a_bf16_backbone_is_told():
+    """stage.precision=fp32 (the official stage 1) keeps the trainables in fp32, but a frozen backbone loaded in
+    bf16 (every 7B preset's model.backbone.dtype) still computes in bf16: the run says so."""
+    from moka_train.training.recipe import frozen_precision_note
+    from tests.helpers import tiny_llama
+
+    llm = tiny_llama().requires_grad_(False)
+    assert frozen_precision_note(llm, "fp32") is None  # an fp32 backbone: nothing to tell
+    llm = llm.to(torch.bfloat16)
+    note = frozen_precision_note(llm, "fp32")
+    assert note and "frozen backbone is bfloat16" in note and "model.backbone.dtype=fp32" in note
+    assert frozen_precision_note(llm, "bf16") is None  # bf16 asked for: as asked

@@ -23,8 +23,9 @@ FUSED_DEVICE_TYPES = ("cpu", "cuda")
 
 def decay_groups(parameters: Iterable[Tensor], weight_decay: float) -> list[dict]:
     """Parameter groups for AdamW: weight decay on the matrices (and higher), none on the vectors (biases, norm
-    gains, DoRA's magnitudes), as nanoGPT and transformers' Trainer do: decaying a LayerNorm gain or a magnitude
-    pulls it towards zero, not towards the frozen model. Without decay, one group."""
+    gains, DoRA's magnitudes), as nanoGPT does; transformers' Trainer exempts biases and norms by name but decays
+    DoRA's magnitude vector. Decaying a LayerNorm gain or a magnitude pulls it towards zero, not towards the
+    frozen model. Without decay, one group."""
     parameters = list(parameters)
     if weight_decay == 0:
         return [{"params": parameters, "weight_decay": 0.0}]

@@ -400,6 +400,20 @@ def build_model_and_collator(
     return model, collator
 
 
+def frozen_precision_note(llm: torch.nn.Module, precision: str) -> str | None:
+    """What ``stage.precision: fp32`` does not cover: the frozen backbone computes in its own (loaded) dtype, so
+    with a bf16 checkpoint preset only the trainables, their optimizer and their inputs' rounding are fp32."""
+    frozen = {p.dtype for p in llm.parameters() if not p.requires_grad}
+    narrower = sorted(str(dtype).removeprefix("torch.") for dtype in frozen - {torch.float32, torch.float64})
+    if precision != "fp32" or not narrower:
+        return None
+    return (
+        f"stage.precision=fp32, but the frozen backbone is {'/'.join(narrower)} (model.backbone.dtype): it computes "
+        "in that dtype, and the projector tokens and added-token rows are rounded to it on the way in; "
+        "model.backbone.dtype=fp32 runs the whole model in fp32"
+    )
+
+
 def build_data_and_model(
     cfg: DictConfig, ctx: DistributedContext, inference: bool = False
 ) -> tuple[MultimodalDataset, MultimodalLM, MultimodalCollator, dict[str, torch.nn.Module]]:
@@ -519,6 +533,9 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
     data = build_datasets(cfg, ctx, validation=True)
     dataset, encoders = data.train, data.encoders
     model, collator = build_model_and_collator(cfg, data.encoder_widths)
+    note = frozen_precision_note(model.llm, cfg.stage.precision)
+    if note:
+        logger.warning(note)
     plan = BatchPlan(
         len(dataset),
         cfg.stage.global_batch_size,
