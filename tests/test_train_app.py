@@ -432,14 +432,15 @@ def skipped_reference(tmp_path_factory: pytest.TempPathFactory, demo_root: Path)
     return run_dir
 
 
-@pytest.mark.parametrize("preset, nonfinite_gradients", [("zero2", False), ("zero3", True)])
+@pytest.mark.parametrize("preset, nonfinite_gradients", [("zero2", False), ("zero3", True), ("none", True)])
 def test_deepspeed_skips_a_nonfinite_step_like_one_process(
     preset: str, nonfinite_gradients: bool, skipped_reference: Path, demo_root: Path, tmp_path: Path
 ):
     """Two ranks, one with a non-finite loss. An infinite loss with finite gradients passes DeepSpeed's own
     overflow check, so DeepSpeed would apply them: our optimizer must be handed none. NaN gradients make
-    DeepSpeed declare an overflow and then leave the schedule alone: it must advance anyway. Either way the run
-    goes on as the one-process reference (which never back-propagates the skipped step)."""
+    DeepSpeed declare an overflow and then leave the schedule alone: it must advance anyway. DDP (``none``): no
+    rank back-propagates the step (the skip is decided on all ranks' losses), after a synchronising forward. Each
+    way the run goes on as the one-process reference (which never back-propagates the skipped step)."""
     run_dir = tmp_path / "run"
     train(run_dir, demo_root, f"deepspeed={preset}", f"fault.nonfinite_gradients={nonfinite_gradients}",
           "stage.gradient_clipping=0", *SKIP_AT_2, nproc=2)  # fmt: skip
