@@ -455,14 +455,15 @@ GRADIENT_AT_2 = ("fault.nonfinite_gradient_at_step=2", "checkpoint.every_steps=1
                  "stage.gradient_clipping=0")  # fmt: skip
 
 
-@pytest.mark.parametrize("preset, nproc", [("none", 1), ("zero2", 2)])
+@pytest.mark.parametrize("preset, nproc", [("none", 1), ("zero2", 2), ("zero3", 2)])
 def test_nonfinite_gradients_behind_a_finite_loss_are_skipped(
     preset: str, nproc: int, skipped_reference: Path, demo_root: Path, tmp_path: Path
 ):
     """No clipping, so nothing else looks at the gradient norm. One process: the plain engine must not apply the
     NaN (it used to, and every later loss was NaN). ZeRO-2 on two ranks: the NaN sits in one rank's gradient
-    partition; DeepSpeed's overflow check skips the update on both, and the schedule must still advance. Either
-    way the run ends as the reference whose step 2 was skipped for its loss, and step 2's finite loss is logged."""
+    partition; DeepSpeed's overflow check skips the update on both, and the schedule must still advance. ZeRO-3:
+    the same with the poisoned parameter itself partitioned. Each way the run ends as the reference whose step 2
+    was skipped for its loss, and step 2's finite loss is logged."""
     run_dir = tmp_path / "run"
     output = train(run_dir, demo_root, f"deepspeed={preset}", "on_nonfinite=skip", *GRADIENT_AT_2, nproc=nproc)
     assert "skipped the step: non-finite gradients at step 2 behind a finite loss" in output
