@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from moka_train.checkpoint_io import write_atomic
+from moka_train.checkpoint_io import write_text_atomic
 from moka_train.data.collate import MultimodalCollator, batch_to_device
 from moka_train.models.mllm import zero3_partitioned
 
@@ -239,9 +239,5 @@ def write_predictions(path: str | Path, predictions: Sequence[dict[str, Any]]) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(p, ensure_ascii=False, default=str) + "\n" for p in predictions)
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text, encoding="utf-8")
-
-    write_atomic(path, write)
+    write_text_atomic(path, text)
     return path
