@@ -229,7 +229,7 @@ def test_every_experiment_preset_is_a_column_of_the_paper_data(preset_config):
 
 
 @pytest.mark.parametrize(
-    "adapter", ["lora", "multi_lora", "uni_lora", "moka", "moka_official_av", "naive", "text_query"]
+    "adapter", ["lora", "multi_lora", "uni_lora", "moka", "moka_official_av", "moka_official_vt", "naive", "text_query"]
 )
 def test_a_run_config_names_its_adapter_preset(preset_config, adapter):
     config = preset_config("table1/llama2_music_avqa", f"adapter={adapter}")
@@ -244,6 +244,8 @@ def test_a_run_config_names_its_adapter_preset(preset_config, adapter):
         ("table2/llama2_visual", ["~model.name", "stage1_dir=/mine/first_stage"], "backbone is unknown"),
         ("table2/llama2_visual", ["model=tiny_llama"], "model.name 'tiny_llama' is no backbone"),
         ("table2/llama2_visual", ["adapter.attn_scale=rank"], "a MokA variant of no preset"),
+        # The official VT code's keys on the paper's MokA: neither preset (it once counted as the paper's MokA).
+        ("table2/llama2_visual", ["adapter.question_keys=after_media"], r"a MokA variant of no preset .*after_media"),
     ],
 )
 def test_a_config_that_names_no_cell_says_why(preset_config, experiment, overrides, reason):
@@ -346,6 +348,72 @@ def test_seed_bench_scored_by_likelihood_is_no_cell_of_the_paper(tmp_path, prese
     (ranked / "eval/s" / "evaluation.json").write_text("[]", encoding="utf-8")
     with pytest.raises(tables.RunsError, match=r"evaluation.json: not an evaluation record"):
         tables.find_runs(tmp_path, "official")
+
+
+def write_evaluation(folder: Path, builder: dict[str, Any]) -> None:
+    """An evaluation.json as scripts/evaluate.py writes it, with the data builder's settings that matter here."""
+    record = {"split": builder.get("split"), "data": {"builder": builder}, "seed_mode": "generate"}
+    (folder / "evaluation.json").write_text(json.dumps(record), encoding="utf-8")
+
+
+def test_a_score_of_other_questions_than_the_papers_is_no_cell(tmp_path, preset_config):
+    """One trained run scored on POPE's adversarial split and on all three (the paper's column), on two of MME's
+    subtasks, and on MMAU's sound and speech questions: only the POPE `all` score is counted. The adversarial
+    folder sorts first, and was counted before the tables read evaluation.json."""
+    config = preset_config("table2/llama2_visual", "adapter=lora")
+    run = write_run(tmp_path / "run", config, {"official": score("pope", 66.0)}, "eval/pope/adversarial")
+    write_evaluation(run / "eval/pope/adversarial", {"split": "adversarial", "dataset": "coco"})
+    write_run(run, None, {"official": score("pope", 74.0)}, "eval/pope/all")
+    write_evaluation(run / "eval/pope/all", {"split": "all", "dataset": "coco"})
+    write_run(run, None, {"official": score("mme", 400.0)}, "eval/mme/test")
+    write_evaluation(run / "eval/mme/test", {"split": "test", "subtasks": ["existence", "count"]})
+    speech_config = preset_config("table3/qwen2_speech")
+    speech = write_run(tmp_path / "speech", speech_config, {"official": score("mmau", 60.0)}, "eval/mmau/test-mini")
+    write_evaluation(speech / "eval/mmau/test-mini", {"split": "test-mini", "tasks": ["sound", "speech"]})
+    found, ignored = tables.find_runs(tmp_path, "official")
+    assert [(r.folder, r.score) for r in found] == [(run / "eval/pope/all", 74.0)]
+    assert {i.folder: i.reason for i in ignored} == {
+        run / "eval/mme/test": "other questions than the paper's: subtasks=['existence', 'count'] (the paper's: None)",
+        run / "eval/pope/adversarial": "other questions than the paper's: split='adversarial' (the paper's: 'all')",
+        speech / "eval/mmau/test-mini": "other questions than the paper's: tasks=['sound', 'speech'] "
+        "(the paper's: ['speech'])",
+    }
+
+
+def test_the_paper_questions_are_those_of_the_data_presets():
+    """tables.PAPER_QUESTIONS, what the tables check evaluation.json against, is what each benchmark's data preset
+    (the one its column is evaluated with) sets."""
+    presets = {"music_avqa": ["music_avqa", "music_avqa_moka"], "ave": ["ave", "ave_moka"]}
+    assert set(tables.PAPER_QUESTIONS) == set(BENCHMARKS)
+    for benchmark, expected in tables.PAPER_QUESTIONS.items():
+        for preset in presets.get(benchmark, [benchmark]):
+            builder = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / f"{preset}.yaml").builder)
+            assert {key: builder[key] for key in expected} == expected, preset
+
+
+def test_a_score_that_counts_no_answer_is_no_cell(tmp_path, preset_config):
+    """AIR-Bench's official rule leaves unparsable answers out: all of them unparsable gives main 0 over 0 scored,
+    which is no result, not a 0 % cell."""
+    config = preset_config("table3/qwen2_speech")
+    empty = BenchmarkScore("air_bench", "official", "accuracy", 0.0, counts={"total": 50, "scored": 0})
+    write_run(tmp_path / "run", config, {"official": empty}, "eval/air_bench/Foundation")
+    found, ignored = tables.find_runs(tmp_path, "official")
+    assert found == []
+    assert [i.reason for i in ignored] == ["its 'official' score counts no answer (50 given, 0 scored)"]
+
+
+def test_the_official_vt_codes_moka_has_a_row_under_moka(tmp_path, preset_config):
+    """adapter=moka_official_vt (the official VT code's MokA) fills a row of its own under MokA in Table 2,
+    compared with the paper's MokA: MME 1025.86 (moka_reference.md §7, Table 2, LLaMA2)."""
+    config = preset_config("table2/llama2_visual", "adapter=moka_official_vt")
+    write_run(tmp_path / "vt", config, {"official": score("mme", 1000.0)}, "eval/mme/test")
+    found, ignored = tables.find_runs(tmp_path, "official")
+    assert not ignored and [r.key for r in found] == [CellKey("llama2", "mme", "moka_official_vt")]
+    built, not_placed = build_tables(load_paper_numbers(), found)
+    assert not not_placed
+    cell = built[1].cell("llama2", "moka_official_vt", "mme")
+    assert cell.method == "MokA (official VT code)" and cell.paper == 1025.86
+    assert cell.delta == pytest.approx(1000.0 - 1025.86)
 
 
 def test_each_table_has_a_png_bar_chart(official):

@@ -106,13 +106,47 @@ BENCHMARKS = {
     "air_bench": BenchmarkSpec("AIR-Bench (speech-en)", "table3/{backbone}_speech", ST),
 }
 
+# The questions a paper column is scored on: the data builder's settings that choose them, as the benchmark's
+# data preset (configs/data/<benchmark>.yaml, and MokA's own files' presets) sets them; test_make_tables keeps
+# them in step. A run's evaluation.json records its data section, so a score of other questions (another split,
+# some of MME's subtasks, MMAU's sound questions) is listed as ignored rather than filling the paper's cell.
+AIR_BENCH_SPEECH_TASKS = [
+    "Speech_Grounding",
+    "Spoken_Language_Identification",
+    "Speaker_Gender_Recognition",
+    "Speaker_Emotion_Recontion",
+    "Speaker_Age_Prediction",
+    "Speech_Entity_Reconition",
+    "Speaker_Intent_Classification",
+    "Speaker_Number_Verification",
+    "Synthesized_Voice_Detection",
+]
+PAPER_QUESTIONS: dict[str, dict[str, Any]] = {
+    "music_avqa": {"split": "test"},
+    "ave": {"split": "test"},
+    "mme": {"split": "test", "subtasks": None},
+    "mmbench": {"split": "DEV_EN_legacy", "circular_copies": True},
+    "pope": {"split": "all"},
+    "seed_bench": {"split": "test", "dimensions": None},
+    "mmau": {"split": "test-mini", "tasks": ["speech"]},
+    "air_bench": {"split": "Foundation", "tasks": AIR_BENCH_SPEECH_TASKS},
+}
+
 # Our presets that reproduce a paper row another way: their runs get a row of their own under that row (never
 # averaged with it), compared with the same paper number, shown only when there are such runs.
-VARIANTS = {"moka_official_av": ("moka", "MokA (official AV code)")}
+VARIANTS = {
+    "moka_official_av": ("moka", "MokA (official AV code)"),
+    "moka_official_vt": ("moka", "MokA (official VT code)"),
+}
 
-# A resolved config keeps an adapter's fields, not its preset's name, and two presets share method "moka"
-# (configs/adapter/moka.yaml, moka_official_av.yaml): the fields that tell them apart -> the preset.
-MOKA_PRESETS = {("question_tokens", "after_b"): "moka", ("rank", "before_attention"): "moka_official_av"}
+# A resolved config keeps an adapter's fields, not its preset's name, and three presets share method "moka"
+# (configs/adapter/moka.yaml, moka_official_av.yaml, moka_official_vt.yaml): the fields that tell them apart
+# (attn_scale, scaling_position, question_keys) -> the preset. A config from before question_keys has "span".
+MOKA_PRESETS = {
+    ("question_tokens", "after_b", "span"): "moka",
+    ("rank", "before_attention", "span"): "moka_official_av",
+    ("rank", "after_b", "after_media"): "moka_official_vt",
+}
 
 
 def experiment_for(backbone: str, benchmark: str) -> str:
@@ -205,9 +239,11 @@ def adapter_preset(adapter: Mapping[str, Any]) -> str:
         raise NotACellError("its config.yaml's adapter has no method")
     if method != "moka":
         return method
-    settings = (adapter.get("attn_scale"), adapter.get("scaling_position"))
+    settings = (adapter.get("attn_scale"), adapter.get("scaling_position"), adapter.get("question_keys", "span"))
     if settings not in MOKA_PRESETS:
-        raise NotACellError(f"a MokA variant of no preset (attn_scale={settings[0]}, scaling_position={settings[1]})")
+        raise NotACellError(
+            "a MokA variant of no preset (attn_scale={}, scaling_position={}, question_keys={})".format(*settings)
+        )
     return MOKA_PRESETS[settings]
 
 
@@ -298,6 +334,9 @@ def read_score(path: Path, mode: str) -> tuple[str, float, str]:
         raise RunsError(f"{path}: its {mode!r} score has no string 'benchmark' and number 'main'")
     if not math.isfinite(main):
         raise RunsError(f"{path}: its {mode!r} score's 'main' is {main}")
+    counts = score.get("counts")
+    if isinstance(counts, dict) and counts.get("scored") == 0:  # e.g. AIR-Bench drops unparsable answers
+        raise NotACellError(f"its {mode!r} score counts no answer ({counts.get('total', '?')} given, 0 scored)")
     return benchmark, float(main), str(name)
 
 
@@ -321,16 +360,30 @@ def training_run(config_path: Path) -> Path:
     return config_path
 
 
-def evaluated_by_likelihood(folder: Path) -> bool:
-    """Whether the predictions in ``folder`` ranked the choices by likelihood (its evaluation.json, written by
-    scripts/evaluate.py, says seed_mode=likelihood)."""
+def read_evaluation(folder: Path) -> Mapping[str, Any] | None:
+    """The evaluation.json in ``folder`` (what scripts/evaluate.py records of the settings behind its
+    predictions), or None where there is none (predictions scored from elsewhere: nothing to check)."""
     path = folder / EVALUATION_FILE
     if not path.is_file():
-        return False
+        return None
     record = _load_json(path)
     if not isinstance(record, dict):
         raise RunsError(f"{path}: not an evaluation record (a JSON object)")
-    return record.get("seed_mode") == "likelihood"
+    return record
+
+
+def other_questions(evaluation: Mapping[str, Any] | None, benchmark: str) -> str | None:
+    """Why the evaluation recorded in ``evaluation`` scored other questions than the paper's column (the
+    builder settings of PAPER_QUESTIONS that differ), or None. A setting the record lacks is not checked."""
+    builder = _get(evaluation or {}, "data.builder")
+    if not isinstance(builder, Mapping):
+        return None
+    differing = [
+        f"{key}={builder[key]!r} (the paper's: {expected!r})"
+        for key, expected in PAPER_QUESTIONS.get(benchmark, {}).items()
+        if key in builder and builder[key] != expected
+    ]
+    return f"other questions than the paper's: {', '.join(differing)}" if differing else None
 
 
 def find_runs(runs_dir: Path, mode: str) -> tuple[list[Run], list[Ignored]]:
@@ -354,11 +407,16 @@ def find_runs(runs_dir: Path, mode: str) -> tuple[list[Run], list[Ignored]]:
         if (folder / ADAPTER_PATH_FILE).is_file():
             ignored.append(Ignored(folder, "a partial-modality evaluation (adapter path on some modalities only)"))
             continue
-        if evaluated_by_likelihood(folder):  # the paper's SEED-Bench numbers score generated answers
+        evaluation = read_evaluation(folder)
+        if evaluation is not None and evaluation.get("seed_mode") == "likelihood":
+            # the paper's SEED-Bench numbers score generated answers
             ignored.append(Ignored(folder, "SEED-Bench's likelihood rule (seed_mode=likelihood), not the paper's"))
             continue
         try:
             benchmark, main, metric = read_score(path, mode)
+            reason = other_questions(evaluation, benchmark)
+            if reason is not None:
+                raise NotACellError(reason)
             config_path = find_config(folder, runs_dir)
             if config_path is None:
                 raise NotACellError(f"no {CONFIG_FILE} in its folder or above it (up to {runs_dir})")
