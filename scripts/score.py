@@ -13,14 +13,18 @@ benchmarks, or none known, are refused. ``--mode`` picks the rule (``moka_train.
 no ``moka_compat`` rule: ``both`` scores them under ``official`` only and says so, ``moka_compat`` is refused.
 
 Each score is printed (``BenchmarkScore.format()``) and all are written, atomically, to ``score.json`` beside
-the predictions (or ``--out``) as ``{mode: BenchmarkScore.to_dict()}``. Bad input (a missing file, a line that
-is not a JSON record, an unknown benchmark, a mode the benchmark has no rule for, records the scorer cannot
-read) is one line on stderr and exit status 2.
+the predictions (or ``--out``) as ``{mode: BenchmarkScore.to_dict()}``. A mode that file already holds is
+scored again from these predictions and kept, so ``--mode moka_compat`` after an evaluation's ``official``
+score adds to the file rather than dropping what make_tables reads, and no kept score is stale (a file of
+another benchmark's scores is replaced). Bad input (a missing file, a line that is not a JSON record, an
+unknown benchmark, a mode the benchmark has no rule for, records the scorer cannot read) is one line on stderr
+and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,6 +65,22 @@ def load(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def modes_in(path: Path, benchmark: str) -> list[str]:
+    """The scoring modes a score.json of ``benchmark`` at ``path`` holds; none when there is no such file, or it
+    is not one, or it scores another benchmark."""
+    try:
+        scores = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    if not isinstance(scores, dict):
+        return []
+    return [
+        mode
+        for mode, score in scores.items()
+        if mode in MODES and isinstance(score, dict) and score.get("benchmark") == benchmark
+    ]
+
+
 def run(args: argparse.Namespace) -> dict[str, BenchmarkScore]:
     out = args.out or args.predictions.with_name(SCORE_FILE)
     if out.is_dir():
@@ -72,6 +92,10 @@ def run(args: argparse.Namespace) -> dict[str, BenchmarkScore]:
     print("\n\n".join(score.format() for score in scores.values()))
     for note in skipped:
         print(f"\nnote: {note}")
+    kept = [mode for mode in modes_in(out, benchmark) if mode not in modes]
+    if kept:
+        scores.update(score_modes(records, benchmark, kept)[0])
+        print(f"\nnote: {out} also held {', '.join(kept)}: scored again from these predictions and kept")
     write_scores(scores, out)
     print(f"\nwrote {out}")
     return scores

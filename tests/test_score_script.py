@@ -184,6 +184,24 @@ def test_pope_both_modes_to_another_file(score_script, tmp_path, capsys):
     assert written["moka_compat"]["counts"] == {"total": 8, "scored": 8, "unparsable": 1}
 
 
+def test_a_mode_already_in_score_json_is_scored_again_and_kept(score_script, tmp_path, capsys):
+    """evaluate.py writes the official score; score.py --mode moka_compat afterwards keeps an official score in
+    the file (make_tables reads it), scored again from the same predictions: a hand-edited old value does not
+    survive."""
+    predictions = write_jsonl(tmp_path / "predictions.jsonl", AVQA)
+    score_script.main([str(predictions)])
+    written = json.loads((tmp_path / "score.json").read_text())
+    written["official"]["main"] = 12.5  # stale: not what these predictions give
+    (tmp_path / "score.json").write_text(json.dumps(written))
+    capsys.readouterr()
+    score_script.main([str(predictions), "--mode", "moka_compat"])
+    assert "also held official: scored again from these predictions and kept" in capsys.readouterr().out
+    written = json.loads((tmp_path / "score.json").read_text())
+    assert list(written) == ["moka_compat", "official"]
+    assert written["official"]["main"] == pytest.approx(100 * 2 / 6)  # as in the test above
+    assert written["moka_compat"]["main"] == pytest.approx(100 * 2 / 3)
+
+
 def test_mmau_both_scores_official_only_and_says_so(score_script, tmp_path, capsys):
     predictions = write_jsonl(tmp_path / "predictions.jsonl", MMAU)
     scores = score_script.main([str(predictions), "--mode", "both"])
