@@ -630,6 +630,34 @@ def test_a_stop_signal_on_a_validation_step_leaves_the_validation_to_the_resumed
     assert_same_trainables(trainables(stopped, "best/trainables"), trainables(whole, "best/trainables"))
 
 
+@pytest.mark.parametrize("during", ["validation", "save"])
+def test_a_stop_signal_during_a_validation_or_a_save_stops_right_after_it(
+    overshooting: tuple[Path, str], demo_root: Path, tmp_path: Path, during: str
+):
+    """SIGTERM as step 2's validation starts (no checkpoint due at step 2), or while step 2's checkpoint is written
+    (checkpoints every step): the run finishes what it was doing, saves step 2 and stops, where it used to train
+    step 3 first. Resumed, it does not validate step 2 again, and ends with the uninterrupted run's losses, weights
+    and best."""
+    whole, _ = overshooting
+    measured = validation_losses(whole)
+    stopped = tmp_path / "stopped"
+    settings = (*OVERSHOOTING, "checkpoint.every_steps=3") if during == "validation" else OVERSHOOTING
+    fault = (f"fault.signal_during_{during}_at_step=2", "fault.signal_to=self")
+    output = train(stopped, demo_root, *settings, *fault, expect=128 + signal.SIGTERM)
+    assert "stopped after step 2 (SIGTERM)" in output
+    assert [row["step"] for row in read_metrics(stopped / "metrics.jsonl")] == [1, 2]
+    assert validation_losses(stopped) == pytest.approx({1: measured[1], 2: measured[2]}, rel=1e-5)
+    saved = sorted(path.name for path in (stopped / "checkpoints").iterdir())
+    assert saved == (["step-00000002"] if during == "validation" else ["step-00000001", "step-00000002"])
+    if during == "save":
+        return  # resuming is the same as after the validation's signal
+    output = train(stopped, demo_root, *settings, "resume=auto")
+    assert "skipped by the stop signal" not in output
+    assert validation_losses(stopped) == pytest.approx(measured, rel=1e-5)
+    assert os.readlink(stopped / "best") == os.readlink(whole / "best")
+    assert_same_trainables(trainables(stopped), trainables(whole))
+
+
 def patience_runs_out(val_losses: dict[int, float], patience: int) -> int | None:
     """The step after which ``patience`` validations in a row have had no loss below the lowest before them."""
     lowest, since = math.inf, 0

@@ -164,7 +164,8 @@ def check_config(cfg: DictConfig) -> None:
     parse_stop_signals(cfg.stop_signals)
     if cfg.fault.signal_to not in FAULT_SIGNAL_TARGETS:
         raise ValueError(f"fault.signal_to must be one of {FAULT_SIGNAL_TARGETS}, got {cfg.fault.signal_to!r}")
-    launcher = cfg.fault.signal_after_step is not None and cfg.fault.signal_to == "launcher"
+    signal_faults = ("signal_after_step", "signal_during_validation_at_step", "signal_during_save_at_step")
+    launcher = any(cfg.fault[key] is not None for key in signal_faults) and cfg.fault.signal_to == "launcher"
     if launcher and "TORCHELASTIC_RUN_ID" not in os.environ:
         raise ValueError("fault.signal_to=launcher signals torchrun: launch the run with torchrun")
 
@@ -501,6 +502,13 @@ def send_fault_signal(target: str) -> None:
         os.kill(os.getpid() if target == "self" else os.getppid(), signal.SIGTERM)
 
 
+def stop_requested(stop: StopSignals, step: int, total_steps: int) -> bool:
+    """Whether a stop signal has reached any rank (a collective: every rank calls it at the same point), and
+    ``step`` is not the last (where the run just ends)."""
+    received = all_reduce_sum(torch.tensor([float(stop.received is not None)], dtype=torch.float64))
+    return received.item() > 0 and step < total_steps
+
+
 def train(cfg: DictConfig) -> Path:
     """Run one stage; returns the run directory (``<run_dir>/trainables`` holds the result). Raises
     ``RunStoppedError`` when a stop signal ended it early, after saving a checkpoint."""
@@ -579,6 +587,8 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
         def write(directory: Path) -> None:
             save_trainables(engine.module, directory / "trainables")
             engine.save_state(directory / "state", ctx.rank)
+            if cfg.fault.signal_during_save_at_step == step and ctx.rank == ctx.world_size - 1:
+                send_fault_signal(cfg.fault.signal_to)
             if cfg.fault.exit_during_save_at_step == step:
                 logger.warning("fault injection: exiting in the middle of saving step %d", step)
                 os._exit(FAULT_EXIT_CODE)
@@ -746,14 +756,21 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
                 stopping = totals[3].item() > 0 and step < total_steps  # at the last step the run just ends
                 early = False  # validation.patience ran out
                 validation_due = data.validation is not None and due(step, cfg.validation.every_steps, total_steps)
-                if validation_due and not stopping:  # a stop signal leaves it to the resumed run
+                validated = validation_due and not stopping  # a stop signal leaves it to the resumed run
+                if validated:
+                    if cfg.fault.signal_during_validation_at_step == step and ctx.rank == ctx.world_size - 1:
+                        send_fault_signal(cfg.fault.signal_to)
                     early = validate(step, metrics)
+                    # A signal during the validation (minutes, on a large split): save and stop now, not a step later.
+                    stopping = stop_requested(stop, step, total_steps)
                 run_log.log(step, metrics)
                 if cfg.fault.exit_after_step == step:
                     logger.warning("fault injection: exiting after step %d", step)
                     os._exit(FAULT_EXIT_CODE)
                 if due(step, cfg.checkpoint.every_steps, total_steps) or stopping or early:
-                    path = save(step, metrics if stopping and validation_due else None)
+                    path = save(step, metrics if stopping and validation_due and not validated else None)
+                    if not (stopping or early):  # a signal during the save: this checkpoint is the one to stop on
+                        stopping = stop_requested(stop, step, total_steps)
                 if stopping:
                     stopped = RunStoppedError(stop.received, step, path)
                     break

@@ -68,8 +68,8 @@ class StopSignals:
         if self.received is None:
             self.received = sig
             logger.warning(
-                "%s received: finishing this step, then saving a checkpoint and stopping (Ctrl-C again stops at once, "
-                "keeping the last complete checkpoint)",
+                "%s received: finishing the step (or its validation or save) in progress, then saving a checkpoint and "
+                "stopping (Ctrl-C again stops at once, keeping the last complete checkpoint)",
                 sig.name,
             )
             return
