@@ -42,19 +42,34 @@ def is_writer() -> bool:
     )
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (it can only be read by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a directory's entries (a rename into it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, write: Callable[[str], object]) -> None:
     """``write(tmp_path)`` beside ``path``, flushed to disk, then rename: a kill mid-save never leaves a truncated
     file, and neither does a machine crash right after (without the flush a file system may commit the rename
-    before the data, leaving an empty file under the final name)."""
+    before the data, leaving an empty file under the final name). The file gets the permissions a plain open
+    gives (0666 less the umask), not the owner-only ones of its temporary name: a team's evaluation jobs under
+    other users read the run's trainables and config."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

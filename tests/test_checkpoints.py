@@ -169,3 +169,56 @@ def test_write_atomic_flushes_the_data_before_the_rename(tmp_path, monkeypatch):
     checkpoint_io.write_atomic(tmp_path / "meta.json", lambda tmp: Path(tmp).write_text("{}"))
     assert events == [("fsync", True), ("replace", "meta.json")]
     assert (tmp_path / "meta.json").read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path, umask):
+    """A temporary file is owner-only (0600), and the atomic writers renamed it into place as it was: a team's
+    jobs under other users could not read a run's trainables or config.yaml. Now: 0666 less the umask."""
+    from moka_train.checkpoint_io import write_text_atomic
+
+    previous = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "config.yaml", "seed: 1\n")
+        (tmp_path / "plain.yaml").write_text("seed: 1\n")
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert (tmp_path / "plain.yaml").stat().st_mode & 0o777 == expected
+    assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == expected
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_renamed_and_older_ones_removed(tmp_path, monkeypatch):
+    """Files written without the atomic writer (an optimizer state, DeepSpeed's shards) are flushed before the
+    staging folder is renamed into place, and the rename before the oldest checkpoint is removed: a machine crash
+    cannot leave a checkpoint with its meta.json but empty files, nor none at all."""
+    import shutil
+
+    import moka_train.checkpoint_io as checkpoint_io
+    import moka_train.training.checkpoints as checkpoints
+
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    manager.save(10, checkpoint_meta(CONFIG), write_weights(10))
+    events = []
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, shutil.rmtree
+
+    def fsync(fd):
+        events.append(("fsync", os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), tmp_path)))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace", os.path.relpath(target, tmp_path)))
+        real_replace(source, target)
+
+    def rmtree(path, *args, **kwargs):
+        events.append(("rmtree", os.path.relpath(path, tmp_path)))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_io.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoints.os, "replace", replace)
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", rmtree)
+    manager.save(20, checkpoint_meta(CONFIG), write_weights(20))
+    staging = "checkpoints/.staging-step-00000020"
+    renamed = events.index(("replace", "checkpoints/step-00000020"))
+    assert ("fsync", f"{staging}/state/weights.pt") in events[:renamed]
+    assert events[renamed + 1 :] == [("fsync", "checkpoints"), ("rmtree", "checkpoints/step-00000010")]

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moka_train.checkpoint_io import write_atomic, write_text_atomic
+from moka_train.checkpoint_io import fsync_path, write_atomic, write_text_atomic
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
@@ -65,8 +65,18 @@ def write_staging(
         staging.mkdir()
     barrier()
     write(staging)
+    # Each rank flushes what it wrote (every file, as it cannot tell which: flushing clean data costs nothing), so
+    # that a machine crash after the rename cannot leave a checkpoint whose meta.json promises files that are empty.
+    fsync_tree(staging)
     barrier()
     return staging
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file under ``directory`` to disk, then the directories' entries."""
+    for path in sorted(directory.rglob("*"), key=lambda p: -len(p.parts)):  # files before their folders
+        fsync_path(path)
+    fsync_path(directory)
 
 
 class CheckpointManager:
@@ -116,6 +126,7 @@ class CheckpointManager:
                 replaced = self.directory / f"{STAGING_PREFIX}replaced-{final.name}"
                 os.replace(final, replaced)
             os.replace(staging, final)
+            fsync_path(self.directory)  # the rename is on disk before any older checkpoint is removed
             if replaced is not None:
                 shutil.rmtree(replaced)
             for old in self.checkpoints()[: -self.keep_last]:
