@@ -222,3 +222,17 @@ def test_a_checkpoint_is_on_disk_before_it_is_renamed_and_older_ones_removed(tmp
     renamed = events.index(("replace", "checkpoints/step-00000020"))
     assert ("fsync", f"{staging}/state/weights.pt") in events[:renamed]
     assert events[renamed + 1 :] == [("fsync", "checkpoints"), ("rmtree", "checkpoints/step-00000010")]
+
+
+def test_resume_refuses_other_training_data(tmp_path):
+    """data_identity: the sample count and a digest of the ids in order; any difference is refused, naming both."""
+    from moka_train.training.checkpoints import check_resumed_data, data_identity
+
+    saved = data_identity(["a", "b", "c"])
+    assert saved["samples"] == 3
+    meta = {"data": saved}
+    check_resumed_data(tmp_path, meta, data_identity(["a", "b", "c"]))
+    check_resumed_data(tmp_path, {}, data_identity(["x"]))  # a checkpoint that recorded no data: not checked
+    for other in (["a", "c", "b"], ["a", "b"], ["a", "b", "d"]):
+        with pytest.raises(ValueError, match=r"was saved over other training data \(3 samples"):
+            check_resumed_data(tmp_path, meta, data_identity(other))

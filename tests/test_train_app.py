@@ -345,6 +345,27 @@ def test_resume_refuses_another_configuration_and_none_refuses_an_existing_run(r
     assert "already holds checkpoints" in output
 
 
+def test_resume_refuses_training_data_changed_since_the_checkpoint(demo_root: Path, tmp_path: Path):
+    """The same config over an annotation file that lost a question: the first 27 questions are other questions,
+    so the resumed run would repeat and skip samples. The checkpoint records the data (27 samples and their ids);
+    resume=auto refuses, naming it, where it used to continue silently."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    run_dir = tmp_path / "run"
+    train(run_dir, root, "deepspeed=none", "stage.max_steps=2", "checkpoint.every_steps=1")
+    meta = json.loads((run_dir / "checkpoints" / "step-00000002" / "meta.json").read_text())
+    assert meta["data"]["samples"] == 27 and meta["world_size"] == 1
+    output = train(run_dir, root, "deepspeed=none", "stage.max_steps=2", "checkpoint.every_steps=1", "resume=auto")
+    assert "resumed from" in output  # the same data: resumed (at its end, nothing left to train)
+    annotations = root / "json_update" / "avqa-train.json"
+    annotations.write_text(json.dumps(json.loads(annotations.read_text())[1:]))
+    output = train(run_dir, root, "deepspeed=none", "stage.max_steps=2", "checkpoint.every_steps=1", "resume=auto",
+                   expect=1)  # fmt: skip
+    assert "was saved over other training data (27 samples" in output and "now 27 samples" in output
+
+
 def test_stage1_trainables_start_stage2(demo_root: Path, tmp_path: Path):
     stage1 = tmp_path / "stage1"
     train(stage1, demo_root, "deepspeed=none", "stage=pretrain", "stage.max_steps=2")

@@ -24,7 +24,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,31 @@ def resolve_resume(resume: str, manager: CheckpointManager, config: Mapping[str,
             "new run directory, or resume=none to start over here"
         )
     return checkpoint
+
+
+def data_identity(sample_ids: Iterable[str]) -> dict[str, Any]:
+    """What a checkpoint records of its training data: the sample count and a digest of the ids in order. The
+    config's fingerprint cannot see the data: an annotation file edited, or media left out by
+    ``on_missing=skip``, between a save and its resume gives another data order and schedule under the same
+    config."""
+    ids = list(sample_ids)
+    digest = hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()[:16]
+    return {"samples": len(ids), "ids_sha256": digest}
+
+
+def check_resumed_data(checkpoint: Path, meta: Mapping[str, Any], identity: Mapping[str, Any]) -> None:
+    """Refuse to resume ``checkpoint`` (its ``meta``) on training data other than that it was saved over:
+    samples would be repeated or skipped and the schedule's length would change mid-run. A checkpoint from before
+    the data was recorded is not checked."""
+    saved = meta.get("data")
+    if saved is None or dict(saved) == dict(identity):
+        return
+    raise ValueError(
+        f"resume: {checkpoint} was saved over other training data ({saved.get('samples')} samples, ids digest "
+        f"{saved.get('ids_sha256')}; now {identity['samples']} samples, {identity['ids_sha256']}): the data order "
+        "and the schedule would not continue that run. Restore the data it trained on (an edited annotation file? "
+        "media left out by on_missing=skip?), or start a new run directory"
+    )
 
 
 def checkpoint_meta(config: Mapping[str, Any], **position: Any) -> dict[str, Any]:

@@ -48,7 +48,9 @@ from moka_train.training.batch_plan import BatchPlan, PlanSampler
 from moka_train.training.best import BestTrainables
 from moka_train.training.checkpoints import (
     CheckpointManager,
+    check_resumed_data,
     checkpoint_meta,
+    data_identity,
     load_rng,
     read_meta,
     resolve_resume,
@@ -556,13 +558,27 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
     logger.info("data: %s; %d optimizer steps", plan.describe(), total_steps)
     engine = build_engine(cfg, model, plan, total_steps, ctx)
 
+    trained_on = data_identity(record.id for record in dataset.records)
     start_step, resumed = 0, {}
     if checkpoint is not None:
-        engine.load_state(checkpoint / "state", checkpoint / "trainables")
-        load_rng(checkpoint, ctx.rank)
         resumed = read_meta(checkpoint)
+        check_resumed_data(checkpoint, resumed, trained_on)
+        saved_ranks = resumed.get("world_size", ctx.world_size)
+        if saved_ranks != ctx.world_size:
+            logger.warning(
+                "%s was saved by %d rank(s), resumed on %d: the data order is the same, but dropout's random "
+                "streams are not, so the run does not continue bit for bit",
+                checkpoint,
+                saved_ranks,
+                ctx.world_size,
+            )
+        engine.load_state(checkpoint / "state", checkpoint / "trainables")
+        if ctx.rank < saved_ranks:  # a rank the checkpoint did not have keeps its seeded state
+            load_rng(checkpoint, ctx.rank)
         start_step = int(resumed["step"])
         logger.info("resumed from %s at step %d", checkpoint, start_step)
+    elif cfg.resume == "auto":
+        logger.info("resume=auto: no checkpoint in %s yet, starting at step 0", manager.directory)
     best = None
     if data.validation is not None and cfg.validation.keep_best:
         settings = {"split": cfg.validation.split, "max_samples": cfg.validation.max_samples}
@@ -600,6 +616,8 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
             epoch=epoch,
             step_in_epoch=in_epoch,
             data_seed=plan.seed,
+            data=trained_on,
+            world_size=ctx.world_size,
             best=None if best is None else best.state(),
             # A stop signal on a step whose validation was due: the resumed run validates first (and logs the
             # step's record again, with val_loss), so it keeps the best the uninterrupted run keeps.
