@@ -93,6 +93,12 @@ def test_resume_is_explicit_and_refuses_another_configuration(tmp_path):
         resolve_resume("auto", manager, other)
     with pytest.raises(FileNotFoundError, match="is not a complete checkpoint"):
         resolve_resume(str(tmp_path / "checkpoints" / "step-00000099"), manager, CONFIG)
+    # A number written as 0 where the saved config had 0.0 is the same setting (it used to be refused with an
+    # empty list of differences); True for 1 is not.
+    manager.save(6, checkpoint_meta({**CONFIG, "warmup": 0.0, "flag": 1}), write_weights(6))
+    assert resolve_resume("auto", manager, {**CONFIG, "warmup": 0, "flag": 1}) == manager.latest()
+    with pytest.raises(ValueError, match=r"another configuration \(flag: 1 -> True\); set those back"):
+        resolve_resume("auto", manager, {**CONFIG, "warmup": 0, "flag": True})
     with pytest.raises(ValueError, match="keep_last must be >= 1"):
         CheckpointManager(tmp_path, keep_last=0)
 

@@ -109,6 +109,10 @@ def test_resume_fingerprint_ignores_what_a_resumed_run_may_change():
     changed = {"stage": {"lr": 1e-4}, "resume": "auto", "logger": {"backend": "wandb"}, "loader": {"num_workers": 0}}
     base["run_dir"], changed["run_dir"] = None, "outputs/instruct-2026-11-24_19-06-17"  # picked for a null run_dir
     assert fingerprinted_config(base) == fingerprinted_config(changed) == {"stage": {"lr": 1e-4}, "loader": {}}
+    # The NaN error's advice (resume with on_nonfinite=skip) and turning on gradient checkpointing after an OOM.
+    base.update(on_nonfinite="error", stage={"lr": 1e-4, "gradient_checkpointing": False})
+    changed.update(on_nonfinite="skip", stage={"lr": 1e-4, "gradient_checkpointing": True})
+    assert fingerprinted_config(base) == fingerprinted_config(changed)
 
 
 def test_batch_plan_splits_each_global_batch_the_same_way_for_any_layout():

@@ -147,11 +147,16 @@ def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def _same(saved: Any, current: Any) -> bool:
+    """Equal values: 0 and 0.0 are (a command line's ``=0`` for a preset's ``0.0``), True and 1 are not."""
+    return saved == current and isinstance(saved, bool) == isinstance(current, bool)
+
+
 def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     if isinstance(saved, Mapping) and isinstance(current, Mapping):
         keys = sorted(set(saved) | set(current))
         return [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
-    return [] if saved == current else [f"{prefix[:-1]}: {saved!r} -> {current!r}"]
+    return [] if _same(saved, current) else [f"{prefix[:-1]}: {saved!r} -> {current!r}"]
 
 
 def describe_differences(saved: Mapping[str, Any], current: Mapping[str, Any], shown: int = 8) -> str:
@@ -173,11 +178,12 @@ def resolve_resume(resume: str, manager: CheckpointManager, config: Mapping[str,
         return None
     meta = read_meta(checkpoint)
     current = json.loads(json.dumps(config, default=str))
-    if meta.get("config_fingerprint") != config_fingerprint(current):
-        shown = describe_differences(meta.get("config", {}), current)
+    # The fingerprint is the quick check; the values decide (a number retyped, 0 for 0.0, changes the fingerprint).
+    if meta.get("config_fingerprint") != config_fingerprint(current) and _differences(meta.get("config"), current):
+        shown = describe_differences(meta.get("config") or {}, current)
         raise ValueError(
-            f"resume={resume}: {checkpoint} was written by a run with another configuration ({shown}); start a "
-            "new run directory, or resume=none to start over here"
+            f"resume={resume}: {checkpoint} was written by a run with another configuration ({shown}); set those "
+            "back to resume it, or start a new run in another run_dir"
         )
     return checkpoint
 

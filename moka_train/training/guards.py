@@ -14,6 +14,8 @@ from torch import Tensor
 
 ON_NONFINITE = ("error", "skip")
 logger = logging.getLogger(__name__)
+# With checkpoints saved before the bad step, resume=auto continues the run (on_nonfinite may change on resume).
+SKIP_ADVICE = " (on_nonfinite=skip skips such steps; resume=auto on_nonfinite=skip continues this run)"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,7 +48,7 @@ def check_loss(loss: Tensor, step: int, sample_ids: Sequence[str], on_nonfinite:
     here = "" if torch.isfinite(loss.detach()).all() else f" (this rank's loss: {float(loss.detach())})"
     message = f"non-finite loss at step {step}{here}; samples on this rank: {list(sample_ids)}"
     if on_nonfinite == "error":
-        raise NonFiniteLossError(message + " (on_nonfinite=skip skips such steps)")
+        raise NonFiniteLossError(message + SKIP_ADVICE)
     logger.warning("skipping the step: %s", message)
     return False
 
@@ -63,5 +65,5 @@ def report_nonfinite_gradients(
         f"samples on this rank: {list(sample_ids)}"
     )
     if on_nonfinite == "error":
-        raise NonFiniteGradientsError(message + " (on_nonfinite=skip skips such steps)")
+        raise NonFiniteGradientsError(message + SKIP_ADVICE)
     logger.warning("skipped the step: %s", message)

@@ -78,10 +78,12 @@ STAGES = ("pretrain", "instruct")
 # Settings a resumed run may change: where and how it logs, how it loads data, when it saves or stops, what it
 # validates on (validation changes no weight), fault injection. model.architecture only feeds
 # scripts/adapter_costs.py (the weights come from model.backbone). run_dir: a run started with run_dir=null
-# (a directory picked for it) resumes with run_dir=<that directory>.
+# (a directory picked for it) resumes with run_dir=<that directory>. on_nonfinite: what a NaN step does (the
+# error's own advice is to resume with skip). stage.gradient_checkpointing: the recomputation replays the same
+# forward, dropout included (an OOM after a requeue is fixed by turning it on).
 RESUMABLE_CHANGES = (
     "resume", "run_dir", "logger", "loader.num_workers", "checkpoint", "stop_signals", "fault", "features.fill",
-    "probe_media", "model.architecture", "validation",
+    "probe_media", "model.architecture", "validation", "on_nonfinite", "stage.gradient_checkpointing",
 )  # fmt: skip
 FAULT_EXIT_CODE = 17
 FAULT_SIGNAL_TARGETS = ("self", "group", "launcher")
