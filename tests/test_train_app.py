@@ -366,6 +366,21 @@ def test_resume_refuses_training_data_changed_since_the_checkpoint(demo_root: Pa
     assert "was saved over other training data (27 samples" in output and "now 27 samples" in output
 
 
+def test_a_stage1_run_initialised_from_a_stage2_run_takes_no_adapter(reference: Path, demo_root: Path, tmp_path: Path):
+    """stage=pretrain trains no adapter (the config says adapter: null): from a stage-2 run's trainables it takes
+    the projectors and added-token rows only. It used to inject and train the MokA adapter too, and save it."""
+    stage1 = tmp_path / "stage1"
+    output = train(stage1, demo_root, "deepspeed=none", "stage=pretrain", "stage.max_steps=1",
+                   f"stage.init_from={reference}/trainables")  # fmt: skip
+    assert "initialised from" in output and "'adapter'" not in output
+    assert not (stage1 / "trainables" / "adapter").exists()
+    (trains,) = [line for line in output.splitlines() if "trainable parameters:" in line]  # the log says what trains
+    assert "projector.visual" in trains and "added_tokens 768 of 768" in trains and "adapter" not in trains
+    asked = f"stage.init_from=[{{path:{reference}/trainables,parts:[projectors,adapter]}}]"
+    output = train(tmp_path / "asked", demo_root, "deepspeed=none", "stage=pretrain", asked, expect=1)
+    assert "stage.init_from[0].parts: this run trains no adapter (stage=pretrain); drop adapter" in output
+
+
 def test_stage1_trainables_start_stage2(demo_root: Path, tmp_path: Path):
     stage1 = tmp_path / "stage1"
     train(stage1, demo_root, "deepspeed=none", "stage=pretrain", "stage.max_steps=2")

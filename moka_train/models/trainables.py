@@ -112,17 +112,7 @@ def load_trainables(
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    # A part a checkpoint has nothing of (an imported official adapter has no added-token rows, an adapter-only
-    # import no projectors) is absent, not empty: None skips it, naming it in ``parts`` is an error.
-    available = {
-        part
-        for part, present in (
-            ("projectors", bool(manifest["projectors"])),
-            ("added_tokens", bool(manifest["added_token_ids"])),
-            ("adapter", bool(manifest["adapter"])),
-        )
-        if present
-    }
+    available = _available_parts(manifest)
     wanted = set(available if parts is None else parts)
     unknown = sorted(wanted - set(PARTS))
     if unknown:
@@ -150,6 +140,25 @@ def load_trainables(
         load_adapter(model.llm, directory / ADAPTER_DIR)
         loaded["adapter"] = [ADAPTER_DIR]
     return loaded
+
+
+def available_parts(directory: str | os.PathLike) -> list[str]:
+    """The parts (of ``PARTS``) a trainables checkpoint holds, in ``PARTS`` order."""
+    return [part for part in PARTS if part in _available_parts(read_manifest(Path(directory)))]
+
+
+def _available_parts(manifest: dict) -> set[str]:
+    # A part a checkpoint has nothing of (an imported official adapter has no added-token rows, an adapter-only
+    # import no projectors) is absent, not empty: None skips it, naming it in ``parts`` is an error.
+    return {
+        part
+        for part, present in (
+            ("projectors", bool(manifest["projectors"])),
+            ("added_tokens", bool(manifest["added_token_ids"])),
+            ("adapter", bool(manifest["adapter"])),
+        )
+        if present
+    }
 
 
 def _load_projectors(

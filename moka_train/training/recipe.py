@@ -43,7 +43,7 @@ from moka_train.data.media import build_media_loader
 from moka_train.data.records import Record, check_media
 from moka_train.models.build import build_multimodal_lm
 from moka_train.models.mllm import MultimodalLM, count_label_tokens, encode_media
-from moka_train.models.trainables import PARTS, load_trainables, save_trainables
+from moka_train.models.trainables import PARTS, available_parts, load_trainables, save_trainables
 from moka_train.training.batch_plan import BatchPlan, PlanSampler
 from moka_train.training.best import BestTrainables
 from moka_train.training.checkpoints import (
@@ -382,12 +382,21 @@ def build_model_and_collator(
         stage=cfg.stage.name,
         seed=cfg.seed,
     )
-    for entry in init_entries(
-        OmegaConf.to_container(cfg.stage.init_from, resolve=True)
-        if OmegaConf.is_config(cfg.stage.init_from)
-        else cfg.stage.init_from
+    for i, entry in enumerate(
+        init_entries(
+            OmegaConf.to_container(cfg.stage.init_from, resolve=True)
+            if OmegaConf.is_config(cfg.stage.init_from)
+            else cfg.stage.init_from
+        )
     ):
-        loaded = load_trainables(model, entry["path"], parts=entry.get("parts"), modalities=entry.get("modalities"))
+        parts = entry.get("parts")
+        if adapter is None:  # a run that trains no adapter (stage 1) takes none from a stage-2 run's trainables
+            if parts is not None and "adapter" in parts:
+                raise ValueError(
+                    f"stage.init_from[{i}].parts: this run trains no adapter (stage=pretrain); drop adapter"
+                )
+            parts = parts if parts is not None else [p for p in available_parts(entry["path"]) if p != "adapter"]
+        loaded = load_trainables(model, entry["path"], parts=parts, modalities=entry.get("modalities"))
         logger.info("initialised from %s: %s", entry["path"], {k: len(v) for k, v in loaded.items()})
     if cfg.stage.gradient_checkpointing:
         # Non-reentrant: the inputs (projector tokens, added-token rows) already require grad through the graph.
@@ -545,6 +554,11 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
     data = build_datasets(cfg, ctx, validation=True)
     dataset, encoders = data.train, data.encoders
     model, collator = build_model_and_collator(cfg, data.encoder_widths)
+    report = model.parameter_report()
+    logger.info(
+        "trainable parameters: %s",
+        ", ".join(f"{name} {trainable:,} of {total:,}" for name, (trainable, total) in report.items() if total),
+    )
     note = frozen_precision_note(model.llm, cfg.stage.precision)
     if note:
         logger.warning(note)
