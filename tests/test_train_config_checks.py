@@ -211,3 +211,16 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     claimed = [claim_new_directory(base) for _ in range(3)]
     assert claimed == [str(base), f"{base}-1", f"{base}-2"]
     assert all(Path(path).is_dir() for path in claimed)
+
+
+@pytest.mark.parametrize(("max_length", "expected"), [(None, 2048), (300, 300)])
+def test_loader_max_length_null_is_the_backbones_context(max_length, expected):
+    """transformers' RoPE runs past max_position_embeddings without a word, so a sample grown past the context by
+    its media would train there: loader.max_length null now means the backbone's context (tiny_llama: 2048)."""
+    from moka_train.training.recipe import build_model_and_collator
+
+    cfg = composed("model=tiny_llama", "projector.num_queries=2", f"loader.max_length={max_length or 'null'}")
+    _, collator = build_model_and_collator(cfg, {"visual": 16, "audio": 16})
+    assert collator.max_length == expected
+    _, collator = build_model_and_collator(cfg, {"visual": 16, "audio": 16}, inference=True)
+    assert collator.max_length == max_length  # evaluation answers every question (runner sets null)

@@ -401,10 +401,18 @@ def build_model_and_collator(
     if cfg.stage.gradient_checkpointing:
         # Non-reentrant: the inputs (projector tokens, added-token rows) already require grad through the graph.
         model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    context = getattr(model.llm.config, "max_position_embeddings", None)
+    max_length = cfg.loader.max_length
+    if max_length is None and context is not None and not inference:  # inference answers every question
+        # RoPE runs past the context without a word: samples grown past it by their media would train there.
+        max_length = int(context)
+        logger.info("loader.max_length null: samples up to the backbone's context, %d tokens", max_length)
+    elif context is not None and max_length is not None and max_length > context:
+        logger.warning("loader.max_length=%d is past the backbone's context (%d positions)", max_length, context)
     collator = MultimodalCollator(
         tokenizer,
         {m: model.projectors[m].config.num_queries for m in model.projectors},
-        max_length=cfg.loader.max_length,
+        max_length=max_length,
         on_overflow=cfg.loader.on_overflow,
         padding_side="left" if inference else "right",
         media_kind="raw" if cfg.features.cache_dir is None else "features",
