@@ -242,3 +242,19 @@ def test_resume_refuses_other_training_data(tmp_path):
     for other in (["a", "c", "b"], ["a", "b"], ["a", "b", "d"]):
         with pytest.raises(ValueError, match=r"was saved over other training data \(3 samples"):
             check_resumed_data(tmp_path, meta, data_identity(other))
+
+
+def test_install_replaces_a_folder_whole(tmp_path):
+    """<run_dir>/trainables of an early-stopped run, resumed with more patience, is written anew: the new folder
+    replaces the old one whole (an adapter written before a kill used to sit beside the old projectors)."""
+    from moka_train.training.checkpoints import install
+
+    final, staging = tmp_path / "trainables", tmp_path / ".staging-trainables"
+    final.mkdir()
+    (final / "old_only.json").write_text("{}")
+    (final / "weights").write_text("old")
+    staging.mkdir()
+    (staging / "weights").write_text("new")
+    install(staging, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trainables"]
+    assert sorted(p.name for p in final.iterdir()) == ["weights"] and (final / "weights").read_text() == "new"

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from moka_train.checkpoint_io import write_text_atomic
-from moka_train.training.checkpoints import no_barrier, read_meta, step_name, write_staging
+from moka_train.training.checkpoints import STAGING_PREFIX, install, no_barrier, read_meta, step_name, write_staging
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,10 @@ class BestTrainables:
                 source = Path(source_run_dir) / STEPS_DIR / kept.name
                 if source.is_dir():
                     logger.info("copying the best trainables so far from %s", source)
-                    shutil.copytree(source, kept)
+                    staging = kept.parent / f"{STAGING_PREFIX}{kept.name}"
+                    shutil.rmtree(staging, ignore_errors=True)  # a copy killed half-way
+                    shutil.copytree(source, staging)
+                    install(staging, kept)  # a kill during the copy leaves no half a best to point at
             if kept is not None and kept.is_dir():
                 if not self.available:
                     logger.warning("%s now points at %s, the best its checkpoint recorded", self.link, kept)

@@ -72,6 +72,20 @@ def write_staging(
     return staging
 
 
+def install(staging: Path, final: Path) -> None:
+    """Rename the complete folder ``staging`` to ``final``. A folder already there is renamed away whole, then
+    removed: a kill during the removal leaves a staging folder (removed by the next save), never a ``final``
+    with part of the old files beside part of the new."""
+    replaced = None
+    if final.exists():
+        replaced = final.parent / f"{STAGING_PREFIX}replaced-{final.name}"
+        os.replace(final, replaced)
+    os.replace(staging, final)
+    fsync_path(final.parent)  # the rename is on disk before anything older is removed
+    if replaced is not None:
+        shutil.rmtree(replaced)
+
+
 def fsync_tree(directory: Path) -> None:
     """Flush every file under ``directory`` to disk, then the directories' entries."""
     for path in sorted(directory.rglob("*"), key=lambda p: -len(p.parts)):  # files before their folders
@@ -119,16 +133,7 @@ class CheckpointManager:
             record = {"format_version": FORMAT_VERSION, "step": step, **meta}
             text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
             write_text_atomic(staging / META_NAME, text)
-            replaced = None
-            if final.exists():  # the same step saved again (a resumed run re-reaching it)
-                # Renamed away whole, then removed: a kill during the removal leaves a staging folder (removed by the
-                # next save), never a step folder with its meta.json but not all its files.
-                replaced = self.directory / f"{STAGING_PREFIX}replaced-{final.name}"
-                os.replace(final, replaced)
-            os.replace(staging, final)
-            fsync_path(self.directory)  # the rename is on disk before any older checkpoint is removed
-            if replaced is not None:
-                shutil.rmtree(replaced)
+            install(staging, final)  # final exists when a resumed run re-reaches a saved step
             for old in self.checkpoints()[: -self.keep_last]:
                 shutil.rmtree(old)
         self.barrier()

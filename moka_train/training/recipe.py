@@ -51,10 +51,12 @@ from moka_train.training.checkpoints import (
     check_resumed_data,
     checkpoint_meta,
     data_identity,
+    install,
     load_rng,
     read_meta,
     resolve_resume,
     save_rng,
+    write_staging,
 )
 from moka_train.training.deepspeed_config import load_deepspeed_config, resolve_deepspeed_config
 from moka_train.training.distributed import (
@@ -523,6 +525,17 @@ def send_fault_signal(target: str) -> None:
         os.kill(os.getpid() if target == "self" else os.getppid(), signal.SIGTERM)
 
 
+def save_result(model: MultimodalLM, run_dir: Path, ctx: DistributedContext) -> Path:
+    """``<run_dir>/trainables``, written into a staging folder and renamed into place: replacing a run's earlier
+    result (an early-stopped run resumed with more patience) never leaves a new adapter beside old projectors."""
+    final = run_dir / "trainables"
+    staging = write_staging(run_dir, final.name, lambda folder: save_trainables(model, folder), ctx.rank, ctx.barrier)
+    if ctx.is_main:
+        install(staging, final)
+    ctx.barrier()
+    return final
+
+
 def stop_requested(stop: StopSignals, step: int, total_steps: int) -> bool:
     """Whether a stop signal has reached any rank (a collective: every rank calls it at the same point), and
     ``step`` is not the last (where the run just ends)."""
@@ -820,7 +833,7 @@ def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
                     log_early_stop(step)
                     break
         if stopped is None:
-            save_trainables(engine.module, run_dir / "trainables")
+            save_result(engine.module, run_dir, ctx)
         failed = False
     finally:
         del batches  # its workers exit now
