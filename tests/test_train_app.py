@@ -381,6 +381,22 @@ def test_a_stage1_run_initialised_from_a_stage2_run_takes_no_adapter(reference: 
     assert "stage.init_from[0].parts: this run trains no adapter (stage=pretrain); drop adapter" in output
 
 
+def test_a_run_directory_in_use_by_another_run_is_refused(demo_root: Path, tmp_path: Path):
+    """A job submitted twice (both resume=auto): the second finds the first's lock on run_dir and stops, naming
+    its holder, where the two used to remove each other's checkpoints in progress."""
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "w", encoding="utf-8") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on node7\n")
+        held.flush()
+        output = train(run_dir, demo_root, "deepspeed=none", "resume=auto", expect=1)
+    assert f"{run_dir} is in use by another run (pid 4242 on node7)" in output
+    assert not (run_dir / "checkpoints").exists()
+
+
 def test_stage1_trainables_start_stage2(demo_root: Path, tmp_path: Path):
     stage1 = tmp_path / "stage1"
     train(stage1, demo_root, "deepspeed=none", "stage=pretrain", "stage.max_steps=2")

@@ -13,16 +13,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import itertools
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -554,8 +557,40 @@ def train(cfg: DictConfig) -> Path:
         shutdown_distributed()
 
 
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, is_main: bool) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` (rank 0) for the block: a second run in the same directory (a job submitted twice,
+    both with resume=auto) would remove the other's checkpoint in progress and interleave their files. A file
+    system without locks only gets a warning."""
+    if not is_main:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise RuntimeError(
+                f"{run_dir} is in use by another run ({holder}); wait for it, or use another run_dir"
+            ) from None
+        except OSError as error:  # ENOLCK: no locks on this file system
+            logger.warning("%s: cannot lock the run directory (%s); make sure no other run uses it", run_dir, error)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
+
+
 def _train(cfg: DictConfig, ctx: DistributedContext) -> Path:
     run_dir = pick_run_dir(cfg, ctx)
+    with run_dir_lock(run_dir, ctx.is_main):
+        return _train_in(cfg, ctx, run_dir)
+
+
+def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
     setup_logging(run_dir, ctx)
     config = OmegaConf.to_container(cfg, resolve=True)
     resume_config = fingerprinted_config(config)
