@@ -96,7 +96,7 @@ def test_dropped_samples_are_counted_per_step_and_named_per_rank(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in metrics)
     lines = (run_dir / "dropped_samples.rank0.tsv").read_text().splitlines()
     assert lines == [f"{step}\t{sample_id}" for step, ids in enumerate(steps, 1) for sample_id in ids]
-    assert f"{sum(map(len, steps))} sample(s) left out of their batches" in (run_dir / "train.log").read_text()
+    assert f"{sum(map(len, steps))} time(s) a sample was left out of its batch" in (run_dir / "train.log").read_text()
 
 
 def test_a_step_with_no_answer_token_leaves_the_weights_as_they_are(tmp_path):

@@ -875,10 +875,11 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
         run_log.close(failed=failed)
         if dropped_in_run:
             logger.warning(
-                "%d sample(s) left out of their batches for exceeding loader.max_length=%s (loader.on_overflow=drop; "
-                "per step in metrics.jsonl as dropped_samples, the ids in %s)",
+                "%d time(s) a sample was left out of its batch for exceeding max_length %s (loader.max_length, null: "
+                "the backbone's context; loader.on_overflow=drop; a sample over it is left out again every epoch; per "
+                "step in metrics.jsonl as dropped_samples, the ids in %s)",
                 dropped_in_run,
-                cfg.loader.max_length,
+                collator.max_length,
                 run_dir / f"{DROPPED_SAMPLES_PREFIX}*.tsv",
             )
     if stopped is not None:
