@@ -202,6 +202,23 @@ def test_labels_question_and_placeholder_runs(template):
     assert set(batch["media_lengths"]) == {"speech"} and batch["media_lengths"]["speech"].tolist() == [24000, 16000]
 
 
+def test_a_template_whose_turns_do_not_end_in_eos_is_warned_about_once():
+    """A base checkpoint's tokenizer under an instruct template: Qwen2's EOS <|endoftext|> with ChatML's turns,
+    which end in "<|im_end|>\\n". The supervised response runs to the text's end, newline included, so the user is
+    told, once per collator. The instruct tokenizer (EOS <|im_end|>) is not warned about."""
+    tokenizer = make_tokenizer("chatml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MultimodalCollator(tokenizer, TOKENS)(samples())
+    tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
+    collator = MultimodalCollator(tokenizer, TOKENS)
+    with pytest.warns(UserWarning, match=r"holds no eos_token '<\|endoftext\|>' and ends in plain text") as caught:
+        batch = collator(samples())
+    assert len(caught) == 1
+    labels = [t for t in batch["labels"][0].tolist() if t != IGNORE_INDEX]
+    assert decode(tokenizer, labels) == f"{ANSWERS[0]}<|im_end|>\n"
+
+
 def test_inference_batch_has_the_generation_prompt_and_no_labels():
     tokenizer = make_tokenizer("chatml")
     batch = MultimodalCollator(tokenizer, TOKENS, padding_side="left")(samples(training=False))

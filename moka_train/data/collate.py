@@ -130,6 +130,7 @@ class MultimodalCollator:
         self.media_kind = media_kind
         self.fill_empty = fill_empty
         self.dropped = 0
+        self._warned_no_eos = False
 
     # -- one sample ----------------------------------------------------------------------------------
     def render(self, sample: Sample) -> tuple[str, int, int]:
@@ -157,6 +158,18 @@ class MultimodalCollator:
         eos = self.tokenizer.eos_token
         if eos and eos in text[len(prompt) :]:
             response_end = text.rindex(eos, len(prompt)) + len(eos)
+        elif not self._warned_no_eos and not text.endswith(tuple(self.tokenizer.all_special_tokens)):
+            # A base checkpoint's tokenizer (Qwen2's EOS <|endoftext|>) under an instruct template (turns end with
+            # "<|im_end|>\n"): what the template writes after the turn's end is supervised, so the model learns to
+            # write past it. (A text that ends in a special token, LLaMA-3's <|eot_id|>, has nothing after it.)
+            self._warned_no_eos = True
+            warnings.warn(
+                f"the chat template's answer turn holds no eos_token {eos!r} and ends in plain text (sample "
+                f"{sample.id!r}: {text[len(prompt) :][-40:]!r}): all of it is supervised, and generation stops only "
+                "at that token or the checkpoint's generation_config eos ids; set the tokenizer's eos_token to the "
+                "template's end-of-turn token",
+                stacklevel=2,
+            )
         return text, len(prompt), response_end
 
     def question_chars(self, sample: Sample, text: str, prompt_end: int) -> tuple[int, int] | None:
