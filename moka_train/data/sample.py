@@ -30,7 +30,9 @@ class Sample:
     """One example: chat turns with media placeholders, the question's location and the media.
 
     ``messages``: ``{"role", "content"}`` turns (roles ``system`` / ``user`` / ``assistant``). A training
-    sample ends with the assistant's answer, an inference sample with the user's turn. Placeholders
+    sample ends with the assistant's answer, an inference sample with the user's turn. Only the last answer
+    is supervised: earlier turns are context (a conversation whose every answer should train is split into one
+    sample per answer, as the LLaVA builder and the official VT code do). Placeholders
     (``<image>``, ``<video>``, ``<audio>``, ``<speech>``) go in user (or system) contents, one per media item.
 
     ``question_span``: ``(start, end)`` characters of the question inside the content of the *last* user
