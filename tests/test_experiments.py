@@ -49,6 +49,7 @@ AV_INSTRUCT = {
     "global_batch_size": 32,
     "micro_batch_size": 4,
     "gradient_checkpointing": True,
+    "train_added_tokens": False,  # the official stage 2 trains the projectors and LoRA only
 }
 OFFICIAL_STAGE = {
     "pretrain": {
@@ -75,6 +76,7 @@ OFFICIAL_STAGE = {
         "precision": "bf16",
         "global_batch_size": 32,
         "micro_batch_size": 2,
+        "train_added_tokens": False,
     },
     "speech_instruct": AV_INSTRUCT,
 }

@@ -208,6 +208,11 @@ def test_stages_and_parameter_report():
     model.set_stage("instruct")
     assert model.parameter_report()["adapter"][0] == model.parameter_report()["adapter"][1]
     assert not any(isinstance(m, AdaptedLinear) for m in model.projectors.modules())
+    # The official stage 2's trainables: projectors and adapter, the added rows frozen.
+    model.set_stage("instruct", train_added_tokens=False)
+    report = model.parameter_report()
+    assert report["added_tokens"] == (0, 3 * 64) and report["adapter"][0] == report["adapter"][1] > 0
+    assert all(trainable == total > 0 for name, (trainable, total) in report.items() if name.startswith("projector."))
     with pytest.raises(ValueError, match="stage must be one of"):
         model.set_stage("finetune")
 

@@ -266,14 +266,15 @@ class MultimodalLM(nn.Module):
         return self.llm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **generation_kwargs)
 
     # -- what trains --------------------------------------------------------------------------------
-    def set_stage(self, stage: str) -> None:
+    def set_stage(self, stage: str, train_added_tokens: bool = True) -> None:
         """``pretrain``: projectors and added-token rows train; ``instruct``: also the adapter. The backbone
-        (and any encoder) stays frozen."""
+        (and any encoder) stays frozen. ``train_added_tokens=False`` freezes the added-token rows too (the
+        official stage 2 trains projectors and LoRA only)."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self.requires_grad_(False)
         self.projectors.requires_grad_(True)
-        self.embed.weight.requires_grad_(True)
+        self.embed.weight.requires_grad_(train_added_tokens)
         adapters = [p for _, p in adapter_named_parameters(self.llm)]
         if stage == "instruct" and not adapters:
             raise ValueError("stage 'instruct' trains the adapter, but the LLM carries none: inject_adapters first")

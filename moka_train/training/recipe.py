@@ -134,6 +134,7 @@ def check_config(cfg: DictConfig) -> None:
     switches = {
         "stage.drop_last": stage.drop_last,
         "stage.gradient_checkpointing": stage.gradient_checkpointing,
+        "stage.train_added_tokens": stage.train_added_tokens,
         "features.fill": cfg.features.fill,
         "blind": cfg.blind,
         "probe_media": cfg.probe_media,
@@ -403,6 +404,7 @@ def build_model_and_collator(
             parts = parts if parts is not None else [p for p in available_parts(entry["path"]) if p != "adapter"]
         loaded = load_trainables(model, entry["path"], parts=parts, modalities=entry.get("modalities"))
         logger.info("initialised from %s: %s", entry["path"], {k: len(v) for k, v in loaded.items()})
+    model.set_stage(cfg.stage.name, train_added_tokens=cfg.stage.train_added_tokens)
     if cfg.stage.gradient_checkpointing:
         # Non-reentrant: the inputs (projector tokens, added-token rows) already require grad through the graph.
         model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
