@@ -165,6 +165,15 @@ def test_missing_file_and_forgotten_path(tmp_path, offline):
         load_clip_encoder(TINY_MODEL_NAME, missing)
     with pytest.raises(ValueError, match="needs a local checkpoint"):
         load_clip_encoder(TINY_MODEL_NAME)
+    # The official code's checkpoint is a Hugging Face folder: said so, not "does not exist".
+    folder = tmp_path / "openai-clip-vit-large-patch14-224"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=f"CLIP checkpoint {folder} is a folder: name the weights file"):
+        load_clip_encoder(TINY_MODEL_NAME, folder)
+    hugging_face = folder / "pytorch_model.bin"
+    torch.save({"vision_model.embeddings.patch_embedding.weight": torch.zeros(1)}, hugging_face)
+    with pytest.raises(ValueError, match=r"a Hugging Face CLIP checkpoint \(vision_model\.\*\), which is not read"):
+        load_clip_encoder(TINY_MODEL_NAME, hugging_face)
     with pytest.raises(ValueError, match="not a registered open_clip model config"):
         build_clip_encoder("hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K")
 

@@ -218,6 +218,11 @@ def load_clip_encoder(
             "use build_clip_encoder for random weights"
         )
     path = Path(checkpoint)
+    if path.is_dir():  # the official code's Hugging Face folder (openai-clip-vit-large-patch14-224), say
+        raise ValueError(
+            f"CLIP checkpoint {path} is a folder: name the weights file, OpenAI's ViT-L-14.pt or open_clip's "
+            "open_clip_pytorch_model.bin / .safetensors (a Hugging Face CLIPVisionModel folder is not read)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"CLIP checkpoint {path} does not exist (nothing is downloaded)")
     state, torchscript = _read_state_dict(path)
@@ -234,9 +239,11 @@ def load_clip_encoder(
     expected = set(encoder.visual.state_dict())
     missing, unexpected = sorted(expected - set(visual_state)), sorted(set(visual_state) - expected)
     if missing or unexpected:
+        hugging_face = any(key.startswith("vision_model.") for key in state)
         raise ValueError(
             f"{path}: image tower keys do not match open_clip's {model_name!r}: missing {len(missing)} "
             f"{missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]} (keys read with the 'visual.' prefix)"
+            + ("; this is a Hugging Face CLIP checkpoint (vision_model.*), which is not read" if hugging_face else "")
         )
     try:
         encoder.visual.load_state_dict(visual_state, strict=True)
