@@ -258,16 +258,25 @@ def test_trainables_round_trip(built, tmp_path):
 
 def test_stage1_checkpoint_into_a_stage2_model(tmp_path):
     stage1, _ = build(adapter=None, seed=3, stage="pretrain")
+    with torch.no_grad():
+        stage1.embed.weight.normal_(generator=torch.Generator().manual_seed(0))  # as if trained
     save_trainables(stage1, tmp_path)
     assert not (tmp_path / "adapter").exists()
     stage2, _ = build(seed=4)
     adapter_before = {n: p.clone() for n, p in adapter_named_parameters(stage2)}
+    rows_before = stage2.embed.weight.detach().clone()
     loaded = load_trainables(stage2, tmp_path, modalities=["visual"])
     assert loaded["projectors"] == ["visual"] and "adapter" not in loaded
     for n, p in adapter_named_parameters(stage2):
         torch.testing.assert_close(p, adapter_before[n], rtol=0, atol=0)
     torch.testing.assert_close(stage2.projectors["visual"].queries, stage1.projectors["visual"].queries)
     assert not torch.equal(stage2.projectors["audio"].queries, stage1.projectors["audio"].queries)
+    # The added-token rows of the visual medium only (<image>, <image_start>, ... <video_end>: the first six of
+    # the twelve), the others as the stage-2 model had them: a visual stage-1 run trained only its own rows.
+    assert loaded["added_tokens"] == [str(i) for i in stage2.embed.token_ids[:6].tolist()]
+    torch.testing.assert_close(stage2.embed.weight[:6], stage1.embed.weight[:6], rtol=0, atol=0)
+    torch.testing.assert_close(stage2.embed.weight[6:], rows_before[6:], rtol=0, atol=0)
+    assert not torch.equal(rows_before[:6], stage1.embed.weight[:6])
     with pytest.raises(ValueError, match=r"holds no \['adapter'\]"):
         load_trainables(stage2, tmp_path, parts=["adapter"])
 

@@ -39,6 +39,12 @@ def multimodal_special_tokens() -> list[str]:
     return tokens
 
 
+def added_token_modalities() -> list[str]:
+    """The modality key of each added token, in ``multimodal_special_tokens`` order (``<audio_start>`` -> audio)."""
+    return [PLACEHOLDERS[f"<{token[1:-1].removesuffix('_start').removesuffix('_end')}>"].key
+            for token in multimodal_special_tokens()]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class MultimodalTokens:
     """The ids the tokenizer gave the added tokens."""

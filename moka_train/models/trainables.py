@@ -28,6 +28,7 @@ from torch import Tensor
 from moka_train.adapters import carries_adapters, load_adapter, save_adapter
 from moka_train.checkpoint_io import full_precision, gathered, is_writer, write_atomic, write_text_atomic
 from moka_train.models.mllm import MultimodalLM
+from moka_train.models.tokenizer import added_token_modalities
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "trainables.safetensors"
@@ -106,9 +107,10 @@ def load_trainables(
 
     ``parts``: a subset of ``("projectors", "added_tokens", "adapter")``; None loads every part the checkpoint
     has (a stage-1 checkpoint has no adapter, so the model's stays as initialised; an imported official
-    checkpoint may have no added-token rows or no projectors). ``modalities``: which
-    projectors to load (None: all in the checkpoint), e.g. the visual one from an image-caption stage 1 and
-    the audio one from an AudioCaps stage 1. Names, shapes, projector configs and token ids must match.
+    checkpoint may have no added-token rows or no projectors). ``modalities``: which projectors, and which
+    added-token rows (a medium's placeholder and markers), to load (None: all in the checkpoint), e.g. the
+    visual ones from an image-caption stage 1 and the audio ones from an AudioCaps stage 1. Names, shapes,
+    projector configs and token ids must match.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -133,9 +135,14 @@ def load_trainables(
         loaded["projectors"] = _load_projectors(model, manifest, weights, path, modalities)
     if "added_tokens" in wanted:
         model.embed.check_token_ids(manifest["added_token_ids"], str(directory / MANIFEST_NAME))
+        ids = manifest["added_token_ids"]
+        # With ``modalities``, those modalities' rows only (<audio>, <audio_start>, <audio_end> for audio): each
+        # stage-1 run trained its own medium's rows, and the others' are still their initial values.
+        keys = added_token_modalities()
+        rows = list(range(len(ids))) if modalities is None else [i for i, m in enumerate(keys) if m in modalities]
         with gathered([model.embed.weight], modifier_rank=0):
-            _copy_into(model.embed.weight, weights.get(ADDED_TOKENS_KEY), ADDED_TOKENS_KEY, path)
-        loaded["added_tokens"] = [str(i) for i in manifest["added_token_ids"]]
+            _copy_into(model.embed.weight, weights.get(ADDED_TOKENS_KEY), ADDED_TOKENS_KEY, path, rows)
+        loaded["added_tokens"] = [str(ids[i]) for i in rows]
     if "adapter" in wanted:
         load_adapter(model.llm, directory / ADAPTER_DIR)
         loaded["adapter"] = [ADAPTER_DIR]
@@ -196,11 +203,15 @@ def _load_projectors(
     return names
 
 
-def _copy_into(target: Tensor, tensor: Tensor | None, key: str, path: Path) -> None:
-    """Copy a saved tensor into a parameter or buffer (gathered by the caller under ZeRO-3)."""
+def _copy_into(target: Tensor, tensor: Tensor | None, key: str, path: Path, rows: list[int] | None = None) -> None:
+    """Copy a saved tensor (its ``rows`` only, if given) into a parameter or buffer (gathered by the caller
+    under ZeRO-3)."""
     if tensor is None:
         raise ValueError(f"{path} has no {key}")
     if tuple(tensor.shape) != tuple(target.shape):
         raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}")
     with torch.no_grad():
-        target.copy_(tensor.to(dtype=target.dtype, device=target.device))
+        if rows is None:
+            target.copy_(tensor.to(dtype=target.dtype, device=target.device))
+        else:
+            target[rows] = tensor[rows].to(dtype=target.dtype, device=target.device)
