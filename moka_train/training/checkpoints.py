@@ -65,6 +65,7 @@ def write_staging(
         staging.mkdir()
     barrier()
     write(staging)
+    barrier()  # every rank's files complete (their temporary names renamed away)
     # Each rank flushes what it wrote (every file, as it cannot tell which: flushing clean data costs nothing), so
     # that a machine crash after the rename cannot leave a checkpoint whose meta.json promises files that are empty.
     fsync_tree(staging)
