@@ -224,3 +224,17 @@ def test_loader_max_length_null_is_the_backbones_context(max_length, expected):
     assert collator.max_length == expected
     _, collator = build_model_and_collator(cfg, {"visual": 16, "audio": 16}, inference=True)
     assert collator.max_length == max_length  # evaluation answers every question (runner sets null)
+
+
+def test_a_run_config_saved_before_train_added_tokens_still_builds():
+    """The evaluation apps rebuild a run from its config.yaml: one written before stage.train_added_tokens
+    existed has no such key, and those runs trained the added rows."""
+    from omegaconf import OmegaConf
+
+    from moka_train.training.recipe import build_model_and_collator
+
+    cfg = composed("model=tiny_llama", "projector.num_queries=2")
+    older = OmegaConf.create(OmegaConf.to_container(cfg))  # as OmegaConf.load reads a saved config.yaml
+    del older.stage["train_added_tokens"]
+    model, _ = build_model_and_collator(older, {"visual": 16, "audio": 16}, inference=True)
+    assert model.embed.weight.requires_grad

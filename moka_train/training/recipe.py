@@ -404,7 +404,8 @@ def build_model_and_collator(
             parts = parts if parts is not None else [p for p in available_parts(entry["path"]) if p != "adapter"]
         loaded = load_trainables(model, entry["path"], parts=parts, modalities=entry.get("modalities"))
         logger.info("initialised from %s: %s", entry["path"], {k: len(v) for k, v in loaded.items()})
-    model.set_stage(cfg.stage.name, train_added_tokens=cfg.stage.train_added_tokens)
+    # .get: a run saved before the setting existed (evaluated from its config.yaml) trained them.
+    model.set_stage(cfg.stage.name, train_added_tokens=cfg.stage.get("train_added_tokens", True))
     if cfg.stage.gradient_checkpointing:
         # Non-reentrant: the inputs (projector tokens, added-token rows) already require grad through the graph.
         model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
