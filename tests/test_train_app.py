@@ -357,8 +357,7 @@ def test_resume_refuses_training_data_changed_since_the_checkpoint(demo_root: Pa
     train(run_dir, root, "deepspeed=none", "stage.max_steps=2", "checkpoint.every_steps=1")
     meta = json.loads((run_dir / "checkpoints" / "step-00000002" / "meta.json").read_text())
     assert meta["data"]["samples"] == 27 and meta["world_size"] == 1
-    output = train(run_dir, root, "deepspeed=none", "stage.max_steps=2", "checkpoint.every_steps=1", "resume=auto")
-    assert "resumed from" in output  # the same data: resumed (at its end, nothing left to train)
+    # (Resuming over the same data is what the kill-and-resume tests do.)
     annotations = root / "json_update" / "avqa-train.json"
     annotations.write_text(json.dumps(json.loads(annotations.read_text())[1:]))
     output = train(run_dir, root, "deepspeed=none", "stage.max_steps=2", "checkpoint.every_steps=1", "resume=auto",
