@@ -238,3 +238,21 @@ def test_a_run_config_saved_before_train_added_tokens_still_builds():
     del older.stage["train_added_tokens"]
     model, _ = build_model_and_collator(older, {"visual": 16, "audio": 16}, inference=True)
     assert model.embed.weight.requires_grad
+
+
+def test_a_batch_the_ranks_cannot_split_is_refused_before_anything_loads(tmp_path):
+    """stage.global_batch_size=8 with micro batches of 3 on one rank: refused naming the keys, before the data
+    (here a missing folder, which would fail first otherwise) or the model is touched."""
+    from moka_train.training.recipe import train
+
+    cfg = composed(
+        "model=tiny_llama",
+        f"run_dir={tmp_path / 'run'}",
+        f"data.builder.root={tmp_path / 'no_data_here'}",
+        "stage.global_batch_size=8",
+        "stage.micro_batch_size=3",
+        "deepspeed=none",
+    )
+    with pytest.raises(ValueError, match=r"stage.global_batch_size=8 is not a multiple of stage.micro_batch_size=3"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

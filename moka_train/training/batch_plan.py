@@ -28,6 +28,19 @@ import torch
 from torch.utils.data import Sampler
 
 
+def check_batch_split(global_batch_size: int, micro_batch_size: int, world_size: int) -> None:
+    """A global batch must split into micro-batches on every rank and whole accumulation steps: a ValueError
+    naming the keys otherwise (the training app calls it before it loads anything)."""
+    per_pass = micro_batch_size * world_size
+    if micro_batch_size < 1 or global_batch_size < 1:
+        raise ValueError("stage.global_batch_size and stage.micro_batch_size must be >= 1")
+    if global_batch_size % per_pass:
+        raise ValueError(
+            f"stage.global_batch_size={global_batch_size} is not a multiple of stage.micro_batch_size="
+            f"{micro_batch_size} x {world_size} ranks = {per_pass}"
+        )
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     num_samples: int
@@ -39,14 +52,7 @@ class BatchPlan:
     drop_last: bool = False
 
     def __post_init__(self) -> None:
-        per_pass = self.micro_batch_size * self.world_size
-        if self.micro_batch_size < 1 or self.global_batch_size < 1:
-            raise ValueError("stage.global_batch_size and stage.micro_batch_size must be >= 1")
-        if self.global_batch_size % per_pass:
-            raise ValueError(
-                f"stage.global_batch_size={self.global_batch_size} is not a multiple of stage.micro_batch_size="
-                f"{self.micro_batch_size} x {self.world_size} ranks = {per_pass}"
-            )
+        check_batch_split(self.global_batch_size, self.micro_batch_size, self.world_size)
         if self.num_samples < (self.global_batch_size if self.drop_last else 1):
             raise ValueError(
                 f"the dataset has {self.num_samples} samples, fewer than one global batch "

@@ -47,7 +47,7 @@ from moka_train.data.records import Record, check_media
 from moka_train.models.build import build_multimodal_lm
 from moka_train.models.mllm import MultimodalLM, count_label_tokens, encode_media
 from moka_train.models.trainables import PARTS, available_parts, load_trainables, save_trainables
-from moka_train.training.batch_plan import BatchPlan, PlanSampler
+from moka_train.training.batch_plan import BatchPlan, PlanSampler, check_batch_split
 from moka_train.training.best import BestTrainables
 from moka_train.training.checkpoints import (
     CheckpointManager,
@@ -555,6 +555,8 @@ def train(cfg: DictConfig) -> Path:
     check_config(cfg)
     ctx = init_distributed(use_deepspeed=cfg.deepspeed.json is not None)
     try:
+        # Before the encoders, the feature cache and the backbone load (minutes on a real model), not after.
+        check_batch_split(cfg.stage.global_batch_size, cfg.stage.micro_batch_size, ctx.world_size)
         return _train(cfg, ctx)
     finally:
         shutdown_distributed()
