@@ -899,8 +899,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--questions",
         choices=sorted(QUESTION_SETS),
         default="demo",
-        help="demo: one fixed question per type, learnable in CPU minutes (the default); musicavqa: the 23 "
-        "MUSIC-AVQA templates in all nine types",
+        help="demo: one fixed question per type, learnable in CPU minutes (the default); musicavqa: 23 official "
+        "MUSIC-AVQA templates and a visual Where, in all nine types",
     )
     parser.add_argument(
         "--instruments", type=int, default=defaults.instruments, help=f"palette size, 3..{len(INSTRUMENTS)}"

@@ -1,8 +1,8 @@
 """Train one stage (configs/train.yaml documents every setting):
 
-torchrun --nproc_per_node 8 scripts/train.py stage=pretrain model=llama2_7b_chat data=llava_pretrain ...
-torchrun --nproc_per_node 8 scripts/train.py stage=instruct adapter=moka stage.init_from=<stage-1 run>/trainables
-python scripts/train.py experiment=demo_pretrain    # one process, no torchrun needed
+torchrun --nproc_per_node 8 scripts/train.py experiment=stage1/llama2_visual data.builder.root=... ...
+torchrun --nproc_per_node 8 scripts/train.py experiment=table1/llama2_ave adapter=moka stage1_dir=... ...
+python scripts/train.py experiment=demo stage=pretrain    # one process, no torchrun needed
 """
 
 from __future__ import annotations

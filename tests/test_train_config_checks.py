@@ -256,3 +256,19 @@ def test_a_batch_the_ranks_cannot_split_is_refused_before_anything_loads(tmp_pat
     with pytest.raises(ValueError, match=r"stage.global_batch_size=8 is not a multiple of stage.micro_batch_size=3"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_random_encoders_beside_a_real_backbone_are_refused():
+    """train.yaml's defaults are the demo's random tiny encoders: a hand-composed run naming a real backbone
+    but no encoder would train it on noise features. Refused, naming the encoder; the demo and the experiment
+    presets (real encoders) pass."""
+    from moka_train.training.recipe import check_encoder_weights
+
+    with pytest.raises(ValueError, match=r"encoder.visual \(moka_train.models.encoders.clip.build_clip_encoder\) has "
+                       r"random weights, but model.backbone loads a checkpoint"):  # fmt: skip
+        check_encoder_weights(composed("model=llama2_7b_chat"), ["visual", "audio"])
+    check_encoder_weights(composed("model=llama2_7b_chat"), [])  # no media: no encoder is built
+    check_encoder_weights(composed(), ["visual", "audio"])  # the demo: random backbone, random encoders
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cell = compose("train", overrides=["experiment=table1/llama2_ave"])
+    check_encoder_weights(cell, ["visual", "audio"])

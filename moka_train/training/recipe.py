@@ -318,6 +318,24 @@ def build_records(cfg: DictConfig, split: str | None = None) -> list[Record]:
     return records
 
 
+def check_encoder_weights(cfg: DictConfig, modalities: Iterable[str]) -> None:
+    """Refuse random-weight encoders (the demo's ``build_*`` presets, train.yaml's defaults) beside a backbone
+    loaded from a checkpoint: a hand-composed ``model=llama2_7b_chat`` run that forgot ``encoder/visual=...``
+    would otherwise train a 7B LLM on noise features. The convention: ``load_*`` reads weights, ``build_*`` makes
+    random ones."""
+    backbone = str(cfg.model.backbone.get("_target_", ""))
+    if not backbone.rsplit(".", 1)[-1].startswith("load_"):
+        return
+    for modality in modalities:
+        target = str(cfg.encoder[modality].get("_target_", ""))
+        if target.rsplit(".", 1)[-1].startswith("build_"):
+            raise ValueError(
+                f"encoder.{modality} ({target}) has random weights, but model.backbone loads a checkpoint: choose "
+                f"the real encoder preset (encoder/visual=clip_vit_l14, encoder/audio=beats_iter3_plus_as2m, "
+                f"encoder/speech=whisper_large_v3, each with its checkpoint path; the experiment presets set them)"
+            )
+
+
 def build_datasets(
     cfg: DictConfig, ctx: DistributedContext, inference: bool = False, validation: bool = False
 ) -> Datasets:
@@ -336,6 +354,7 @@ def build_datasets(
     missing = [m for m in needed if m not in encoder_cfgs]
     if missing:
         raise ValueError(f"the data has {missing} media but no encoder for them: add encoder/{missing[0]}=<preset>")
+    check_encoder_weights(cfg, needed)
     encoders = {m: instantiate(encoder_cfgs[m]) for m in needed}  # frozen, eval mode
     encoder_widths = {m: int(e.hidden_size) for m, e in encoders.items()}
     media_cfg = OmegaConf.to_container(cfg.data.media, resolve=True)
