@@ -550,9 +550,22 @@ def test_bf16_with_gradient_checkpointing_trains_the_adapter(demo_root: Path, tm
 
 
 SRUN_STUB = """#!/bin/bash
-# srun on one node: drop srun's options, run the task (torchrun) in its place.
+# srun on one node: drop srun's options and run the task (torchrun). As the real srun does, a SIGTERM to srun
+# itself kills the task with SIGKILL; the task's pid is where the scancel stand-in finds the job's step.
 while [ "$1" != torchrun ]; do shift; done
-exec "$@"
+"$@" &
+TASK=$!
+echo "$TASK" > "$SLURM_STEP_PIDS"
+trap 'echo "srun: forcing job termination" >&2; kill -KILL "$TASK"' TERM HUP
+while true; do
+    wait "$TASK" && exit 0 || STATUS=$?
+    kill -0 "$TASK" 2>/dev/null || exit "$STATUS"
+done
+"""
+SCANCEL_STUB = """#!/bin/bash
+# scancel --signal=NAME <job>: the signal to the job's steps (the task), not to srun or the batch script.
+echo "$@" >> "$SCANCEL_LOG"
+kill -"${1#--signal=}" "$(cat "$SLURM_STEP_PIDS")"
 """
 SCONTROL_STUB = """#!/bin/bash
 case "$1" in
@@ -563,12 +576,14 @@ esac
 
 
 def test_the_slurm_script_stops_at_the_time_limit_warning_and_requeues(demo_root: Path, tmp_path: Path):
-    """scripts/slurm/train.sbatch under stand-ins for srun and scontrol (no SLURM here), with the real torchrun
-    and app: SLURM's USR1 warning reaches the script once step 1 is logged; the run stops after a step with a
-    checkpoint and the script requeues the job, whose second start (resume=auto) finishes the run from there."""
+    """scripts/slurm/train.sbatch under stand-ins for srun, scancel and scontrol (no SLURM here), with the real
+    torchrun and app: SLURM's USR1 warning reaches the script once step 1 is logged; the script has the job's step
+    signalled (a SIGTERM to srun itself, as the script once sent, makes srun SIGKILL it: nothing saved); the run
+    stops after a step with a checkpoint and the script requeues the job, whose second start (resume=auto)
+    finishes the run from there."""
     stubs = tmp_path / "bin"
     stubs.mkdir()
-    for name, text in (("srun", SRUN_STUB), ("scontrol", SCONTROL_STUB)):
+    for name, text in (("srun", SRUN_STUB), ("scancel", SCANCEL_STUB), ("scontrol", SCONTROL_STUB)):
         (stubs / name).write_text(text)
         (stubs / name).chmod(0o755)
     env = environment()
@@ -576,6 +591,7 @@ def test_the_slurm_script_stops_at_the_time_limit_warning_and_requeues(demo_root
         PATH=os.pathsep.join([str(stubs), str(Path(sys.executable).parent), env["PATH"]]),
         SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_GPUS_ON_NODE="2", SLURM_JOB_ID="4242",
         MASTER_PORT=str(free_port()), SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+        SCANCEL_LOG=str(tmp_path / "scancel.log"), SLURM_STEP_PIDS=str(tmp_path / "step.pid"),
     )  # fmt: skip
     sbatch = ["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch")]
     run_dir = tmp_path / "run"
@@ -601,6 +617,8 @@ def test_the_slurm_script_stops_at_the_time_limit_warning_and_requeues(demo_root
         output = log.read()
         assert returncode != 0 and "time limit near" in output, output[-4000:]
         assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+        assert (tmp_path / "scancel.log").read_text() == "--signal=TERM 4242\n"
+        assert "forcing job termination" not in output
         (checkpoint,) = (run_dir / "checkpoints").iterdir()
         step = int(checkpoint.name.removeprefix("step-"))
         assert 1 <= step < 8 and f"stopped after step {step} (SIGTERM)" in output, output[-4000:]
