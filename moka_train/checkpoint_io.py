@@ -76,6 +76,30 @@ def write_atomic(path: Path, write: Callable[[str], object]) -> None:
             os.remove(tmp)
 
 
+def write_folder_atomic(folder: Path, write: Callable[[Path], object]) -> None:
+    """``write(staging)`` into a new folder beside ``folder``, then rename it to ``folder`` (which must not exist,
+    or be empty): a kill mid-write leaves no half-written ``folder``. Its files get a plain open's permissions
+    (``save_pretrained`` writes safetensors owner-only)."""
+    staging = folder.parent / f".{folder.name}.staging-{os.getpid()}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir()
+    try:
+        write(staging)
+        mode = 0o666 & ~current_umask()
+        for path in staging.rglob("*"):
+            if path.is_file():
+                os.chmod(path, mode)
+                fsync_path(path)
+        if folder.is_dir():
+            folder.rmdir()  # empty (the caller refuses a folder with files in it)
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            import shutil
+
+            shutil.rmtree(staging)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """``text`` to ``path`` as UTF-8, atomically (``write_atomic``). UTF-8 whatever the locale: a config holding
     a non-ASCII path, written in an ASCII or Latin-1 locale, would otherwise fail or read back wrong."""

@@ -13,8 +13,9 @@ backbone was loaded from, if any).
 Only the adapter is exported: the run's projectors and added-token embeddings (in ``<run_dir>/trainables``) have
 no peft equivalent. MokA and the other modality-aware methods have no peft layout either; their own checkpoint is
 ``<run_dir>/trainables/adapter`` (``moka_train.adapters.load_adapter`` reads it). Bad input (a missing or
-unfinished run folder, a run without an adapter or with one peft cannot hold) ends with
-``export_peft.py: error: ...`` and exit code 2.
+unfinished run folder, a run without an adapter or with one peft cannot hold, a backbone checkpoint that does not
+load, an ``--out`` that already holds files or lies inside the run) ends with ``export_peft.py: error: ...`` and
+exit code 2. The files are written into a folder beside ``--out`` and renamed into place whole.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from moka_train.evaluation.runner import UsageError, check_run_dir, load_adapted_backbone, run_adapter_method
+from moka_train.evaluation.runner import (
+    UsageError,
+    check_new_folder,
+    check_run_dir,
+    load_adapted_backbone,
+    run_adapter_method,
+)
 
 PROG = "export_peft.py"
 
@@ -62,15 +69,14 @@ def peft_method(run_dir: Path) -> str:
 def export_run(args: argparse.Namespace) -> Path:
     """Write the run's adapter in peft's layout; returns the output folder."""
     run_dir = check_run_dir(args.run_dir)
-    out = args.out.expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
+    out = check_new_folder(args.out, run_dir)
     method = peft_method(run_dir)
 
     from moka_train.adapters import save_adapter
+    from moka_train.checkpoint_io import write_folder_atomic
 
     backbone, _ = load_adapted_backbone(run_dir)
-    save_adapter(backbone, out, base_model_name_or_path=args.base_model)
+    write_folder_atomic(out, lambda folder: save_adapter(backbone, folder, base_model_name_or_path=args.base_model))
     print(f"{PROG}: wrote the {method} adapter of {run_dir} in peft's layout", file=sys.stderr)
     return out
 

@@ -18,8 +18,9 @@ prompts; for media, use the run itself (scripts/infer.py, scripts/evaluate.py).
 
 MokA and the other modality-aware methods do not merge: their delta depends on each token's modality (and MokA's
 cross-attention on the question), so no single weight reproduces it. Bad input (a missing or unfinished run
-folder, a run without an adapter or with one that cannot merge) ends with ``merge_adapter.py: error: ...`` and exit
-code 2.
+folder, a run without an adapter or with one that cannot merge, a backbone checkpoint that does not load, an
+``--out`` that already holds files) ends with ``merge_adapter.py: error: ...`` and exit code 2. The checkpoint is
+written into a folder beside ``--out`` and renamed into place whole.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from moka_train.evaluation.runner import UsageError, check_run_dir, load_adapted_backbone, run_adapter_method
+from moka_train.evaluation.runner import (
+    UsageError,
+    check_new_folder,
+    check_run_dir,
+    load_adapted_backbone,
+    run_adapter_method,
+)
 
 PROG = "merge_adapter.py"
 DTYPES = ("bf16", "fp32")
@@ -51,15 +58,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_out(out: Path, run_dir: Path) -> Path:
-    out = out.expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    if out == run_dir or run_dir in out.parents:
-        raise UsageError(f"--out {out} is inside the run folder {run_dir}: write the merged model elsewhere")
-    return out
-
-
 def mergeable_method(run_dir: Path) -> str:
     """The run's adapter method, refused (a UsageError) unless it merges."""
     from moka_train.adapters.merge import check_mergeable
@@ -75,7 +73,7 @@ def mergeable_method(run_dir: Path) -> str:
 def merge_run(args: argparse.Namespace) -> Path:
     """Merge the run's adapter and write the checkpoint; returns the output folder."""
     run_dir = check_run_dir(args.run_dir)
-    out = check_out(args.out, run_dir)
+    out = check_new_folder(args.out, run_dir)
     method = mergeable_method(run_dir)
 
     import torch
@@ -89,9 +87,13 @@ def merge_run(args: argparse.Namespace) -> Path:
     merged = merge_adapter(backbone, dtype=dtype)
     tokenizer = instantiate(run_cfg.model.tokenizer)
     set_chat_template(tokenizer, run_cfg.model.chat_template)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    from moka_train.checkpoint_io import write_folder_atomic
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    write_folder_atomic(out, write)
     weights = next(merged.parameters()).dtype
     print(f"{PROG}: merged the {method} adapter of {run_dir} into its backbone ({weights})", file=sys.stderr)
     print(f"{PROG}: note: " + NOTE.format(trainables=run_dir / "trainables"), file=sys.stderr)

@@ -64,6 +64,7 @@ def merge_adapter(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Modu
     check_mergeable(method)
     for name, layer in list(adapted_layers(model)):
         base = layer.base_layer
+        target = dtype or base.weight.dtype  # the float32 merge cast once, to the dtype written
         with torch.no_grad():
             weight = layer.merged_weight()
             plain = nn.Linear(
@@ -71,9 +72,9 @@ def merge_adapter(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Modu
                 layer.out_features,
                 bias=base.bias is not None,
                 device=base.weight.device,
-                dtype=base.weight.dtype,
+                dtype=target,
             )
-            plain.weight.copy_(weight.to(base.weight.dtype))
+            plain.weight.copy_(weight.to(target))
             if base.bias is not None:
                 plain.bias.copy_(base.bias)
         plain.requires_grad_(False)

@@ -111,12 +111,28 @@ def run_adapter_method(run_dir: Path, action: str) -> str:
 def load_adapted_backbone(run_dir: Path) -> tuple[Any, DictConfig]:
     """``adapters.merge.load_run_backbone`` (the run's backbone carrying its trained adapter, and the run's
     config), with a checkpoint that does not load reported as a UsageError."""
+    from hydra.errors import InstantiationException
+
     from moka_train.adapters.merge import load_run_backbone
 
     try:
         return load_run_backbone(run_dir)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"cannot load the run's adapter: {error}") from None
+    except (OSError, ValueError, InstantiationException) as error:  # Hydra wraps a checkpoint that fails to load
+        message = " ".join(str(error).split())  # one line: Hydra's message spans several, naming full_key
+        raise UsageError(f"cannot load the run's backbone and adapter: {message}") from None
+
+
+def check_new_folder(out: Path, run_dir: Path) -> Path:
+    """``out`` (resolved) for a tool's output folder: not a file, not a folder with files in it (another
+    export's, which would be mixed with this one), not inside the run folder ``run_dir``; else a UsageError."""
+    out = out.expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--out {out} already holds files: choose a new folder (nothing is overwritten)")
+    if out == run_dir or run_dir in out.parents:
+        raise UsageError(f"--out {out} is inside the run folder {run_dir}: write elsewhere")
+    return out
 
 
 def adapter_modalities(cfg: DictConfig) -> list[str] | None:
