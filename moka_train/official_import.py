@@ -283,7 +283,7 @@ def _torch_state_dict(path: Path) -> Mapping[str, Tensor]:
                 raise
             # Files in torch's legacy (non-zip) format cannot be memory-mapped; they are small adapter files.
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:  # OSError: truncated
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise OfficialImportError(f"{path}: torch.load(weights_only=True) cannot read it: {first_line}") from None
     if not isinstance(state, Mapping):

@@ -72,6 +72,8 @@ def adapter_options(args: argparse.Namespace) -> dict[str, Any]:
         "--cross-attn-lambda": args.cross_attn_lambda,
         "--dropout": args.dropout,
     }
+    if args.qformer_heads < 1:
+        raise UsageError(f"--qformer-heads must be a positive number of attention heads, got {args.qformer_heads}")
     options: dict[str, Any] = {"qformer_heads": args.qformer_heads}
     if args.kind == "crab_projector":
         given = [flag for flag, value in adapter_flags.items() if value is not None]

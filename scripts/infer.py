@@ -185,6 +185,8 @@ def adapter_modalities(value: str | None, run_cfg: DictConfig) -> list[str] | No
         return None
     if run_cfg.get("adapter") is None:
         raise UsageError("--adapter-modalities limits the adapter path, but this run has no adapter (a stage-1 run)")
+    if not value.strip():  # an unset shell variable: not a silent "none"
+        raise UsageError("--adapter-modalities is empty: give modality names (e.g. text,visual) or none")
     names = [] if value.strip().lower() == "none" else [name for name in value.split(",") if name.strip()]
     chosen = parse_modalities(names, "--adapter-modalities")
     check_adapter_paths(chosen, list(run_cfg.adapter.modalities), "--adapter-modalities")
@@ -264,8 +266,13 @@ def infer(args: argparse.Namespace) -> dict[str, Any]:
     described = ", ".join(f"{m['modality']} {m['kind']} {m['path']}" for m in media)
     print(f"{PROG}: {run_dir} on {device}; {described}; prompt: {which}", file=sys.stderr)
 
+    from hydra.errors import InstantiationException
+
     ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=device)  # one process, whatever the env
-    dataset, model, collator, encoders = build_data_and_model(run_cfg, ctx, inference=True)
+    try:
+        dataset, model, collator, encoders = build_data_and_model(run_cfg, ctx, inference=True)
+    except (OSError, ValueError, InstantiationException) as error:  # a checkpoint that does not load, a bad config
+        raise UsageError(f"cannot build the run's model: {' '.join(str(error).split())}") from None
     model.encoders.update(encoders)  # raw media: the model encodes them itself
     trainables = run_dir / "trainables"
     try:

@@ -305,6 +305,12 @@ def test_differing_relative_position_tables_raise(tmp_path) -> None:
         load_beats(path)
 
 
+def test_a_missing_checkpoint_is_named(tmp_path) -> None:
+    # torch.load's own error names no path: FileNotFoundError(2, 'No such file or directory').
+    with pytest.raises(FileNotFoundError, match=f"BEATs checkpoint {tmp_path / 'gone.pt'} does not exist"):
+        load_beats(tmp_path / "gone.pt")
+
+
 def test_not_a_checkpoint_raises(tmp_path) -> None:
     path = tmp_path / "plain.pt"
     torch.save({"state_dict": {}}, path)

@@ -521,6 +521,12 @@ def test_script_crab_from_bin_and_its_refusals(script, tmp_path, capsys):
     refused(["--kind", "vt", "--src", str(tmp_path / "weights.npz"), "--out", str(tmp_path / "c")],
             "unknown checkpoint type '.npz'")  # fmt: skip
     refused(["--kind", "vt", "--src", str(tmp_path / "none.bin"), "--out", str(tmp_path / "d")], "no such file")
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes((tmp_path / "visual_pretrain.bin").read_bytes()[:200])
+    refused(["--kind", "crab_projector", "--src", str(truncated), "--out", str(tmp_path / "g")],
+            f"{truncated}: torch.load(weights_only=True) cannot read it")  # fmt: skip
+    refused(["--kind", "crab_projector", "--src", src, "--qformer-heads", "0", "--out", str(tmp_path / "h")],
+            "--qformer-heads must be a positive number")  # fmt: skip
     torch.save({"model": state}, tmp_path / "nested.bin")
     refused(["--kind", "crab_projector", "--src", str(tmp_path / "nested.bin"), "--out", str(tmp_path / "e")],
             "entry 'model' is a dict, not a tensor")  # fmt: skip

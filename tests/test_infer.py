@@ -245,6 +245,20 @@ def test_bad_input_is_refused_naming_what_is_wrong(trained, script, capsys, tmp_
     OmegaConf.save(config, stage1 / "config.yaml")
     err = refused(script, capsys, str(stage1), "--video", video, *q, "--adapter-modalities", "text")
     assert "this run has no adapter" in err
+    # An unset shell variable is not a silent "none" (which turns the adapter off).
+    err = refused(script, capsys, run, "--video", video, *q, "--adapter-modalities", "")
+    assert "--adapter-modalities is empty" in err
+    # The run moved to a machine without its encoder checkpoint: one line naming it (it was a traceback).
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "trainables").symlink_to(run_dir / "trainables")
+    config = OmegaConf.load(run_dir / "config.yaml")
+    config.encoder.visual = OmegaConf.merge(
+        OmegaConf.load(ROOT / "configs" / "encoder" / "visual" / "clip_vit_l14.yaml"), {"checkpoint": "/gone.pt"}
+    )
+    OmegaConf.save(config, moved / "config.yaml")
+    err = refused(script, capsys, str(moved), "--video", video, "--no-video-audio", *q)
+    assert "cannot build the run's model:" in err and "CLIP checkpoint /gone.pt does not exist" in err
 
 
 def test_the_command_line_exits_with_2_and_a_message(tmp_path):

@@ -34,6 +34,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -550,6 +551,8 @@ def load_beats(path: str | os.PathLike) -> BEATs:
 
     Keys must match exactly: a missing or unexpected key, or an unknown cfg key, raises naming the file.
     """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"BEATs checkpoint {path} does not exist (nothing is downloaded)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or not {"cfg", "model"} <= set(checkpoint):
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
