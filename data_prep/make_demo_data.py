@@ -808,6 +808,12 @@ def generate(
     videos_dir, annotations_dir = out / VIDEO_DIR, out / ANNOTATION_DIR
     settings_text = _to_json(asdict(settings))
     settings_path = out / SETTINGS_FILE
+    theirs = sorted(annotations_dir.glob("avqa-*.json")) if annotations_dir.is_dir() else []
+    if theirs and not settings_path.is_file():  # MUSIC-AVQA's own layout, and no sign this script made it
+        raise ValueError(
+            f"{out} holds annotations ({theirs[0]}) that this script did not write (no {SETTINGS_FILE}): a real "
+            "MUSIC-AVQA copy? Choose another --out (nothing is overwritten)"
+        )
     if settings_path.is_file() and settings_path.read_text(encoding="utf-8") != settings_text and not overwrite:
         raise ValueError(
             f"{out} holds demo data made with other media settings ({settings_path}); pass --overwrite to rebuild "

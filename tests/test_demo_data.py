@@ -385,6 +385,18 @@ def test_other_media_settings_need_overwrite(tmp_path):
     assert json.loads((out / "demo_settings.json").read_text(encoding="utf-8"))["seed"] == 3
 
 
+def test_a_real_music_avqa_copy_is_never_overwritten(tmp_path):
+    """--out pointing at a MUSIC-AVQA copy (the same layout, no demo_settings.json): refused, the annotations
+    untouched (they were replaced by demo questions)."""
+    out = tmp_path / "MUSIC-AVQA"
+    (out / "json_update").mkdir(parents=True)
+    real = out / "json_update" / "avqa-train.json"
+    real.write_text('[{"real": "annotation"}]', encoding="utf-8")
+    with pytest.raises(ValueError, match="holds annotations .*avqa-train.json.* that this script did not write"):
+        demo.generate(out, **SMALL)
+    assert real.read_text(encoding="utf-8") == '[{"real": "annotation"}]'
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
