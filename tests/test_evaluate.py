@@ -299,3 +299,18 @@ def test_the_evaluated_split(tmp_path, overrides, split):
     cfg = compose_config("evaluate", [f"run_dir={run_dir}", *overrides])
     evaluated = run_config(cfg, run_dir)
     assert evaluated.data.builder.split == split and evaluated.loader.max_length is None
+
+
+def test_a_benchmark_the_data_contradicts_is_refused_before_answering():
+    """benchmark=mme on MUSIC-AVQA questions: refused from the ids, before the answers are generated (the scorer
+    refused the predictions only after every question was answered). Ids of no known benchmark leave it to the
+    name given."""
+    from moka_train.evaluation.runner import UsageError, check_benchmark
+
+    ids = [{"id": "music_avqa/test/1"}, {"id": "music_avqa/test/2"}]
+    assert check_benchmark(None, ids) == check_benchmark("music_avqa", ids) == "music_avqa"
+    with pytest.raises(
+        UsageError, match=r"benchmark=mme, but the data's ids are music_avqa's \(e.g. 'music_avqa/test/1'\)"
+    ):
+        check_benchmark("mme", ids)
+    assert check_benchmark("pope", [{"id": "mine/1"}]) == "pope"

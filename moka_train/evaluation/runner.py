@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,7 +209,7 @@ def load_run(cfg: DictConfig, run_dir: Path, ctx: DistributedContext) -> LoadedR
 
     run_cfg = run_config(cfg, run_dir)
     dataset, model, collator, encoders = build_data_and_model(run_cfg, ctx, inference=True)
-    benchmark = cfg.benchmark or infer_benchmark([{"id": record.id} for record in dataset.records])
+    benchmark = check_benchmark(cfg.benchmark, [{"id": record.id} for record in dataset.records])
     if cfg.seed_mode == LIKELIHOOD and benchmark != "seed_bench":
         raise UsageError(f"seed_mode=likelihood is SEED-Bench's rule; this data is {benchmark}")
     model.encoders.update(encoders)  # raw media (no feature cache): the model encodes them itself
@@ -219,6 +219,21 @@ def load_run(cfg: DictConfig, run_dir: Path, ctx: DistributedContext) -> LoadedR
     split = str(run_cfg.data.builder.get("split", "all"))
     data = OmegaConf.to_container(run_cfg.data, resolve=True)
     return LoadedRun(run_dir, model, dataset, collator, benchmark, split, data)
+
+
+def check_benchmark(named: str | None, records: Sequence[Mapping[str, Any]]) -> str:
+    """The benchmark to score ``records`` (``{"id": ...}``) with: ``named``, or the one their ids name. A name
+    the ids contradict is a UsageError now, before every question is answered (the scorer would refuse the
+    predictions only then); ids that name no known benchmark leave the choice to ``named``."""
+    if named is None:
+        return infer_benchmark(records)
+    try:
+        inferred = infer_benchmark(records)
+    except UsageError:
+        return named
+    if inferred != named:
+        raise UsageError(f"benchmark={named}, but the data's ids are {inferred}'s (e.g. {records[0]['id']!r})")
+    return named
 
 
 def default_out_dir(cfg: DictConfig, run: LoadedRun, path_name: str | None = None) -> Path:
