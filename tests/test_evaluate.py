@@ -272,6 +272,10 @@ def test_bad_settings_are_refused(trained, tmp_path):
                 script.evaluate(compose_config("evaluate", overrides))
         with pytest.raises(script.UsageError, match="SEED-Bench's rule"):  # likelihood on MUSIC-AVQA
             script.evaluate(compose_config("evaluate", [f"run_dir={run_dir}", "seed_mode=likelihood", *FAST]))
+        # A split that does not exist: the builder's own message, on one line (Hydra's spans four).
+        one_line = r"^Error in call to target .*MUSIC-AVQA split must be train, val or test.* full_key: data\.builder$"
+        with pytest.raises(script.UsageError, match=one_line):
+            script.evaluate(compose_config("evaluate", [f"run_dir={run_dir}", "split=bogus", *FAST]))
 
     command = [sys.executable, str(EVALUATE), f"run_dir={empty}"]
     returncode, output = run(command)

@@ -204,11 +204,20 @@ class LoadedRun:
 
 def load_run(cfg: DictConfig, run_dir: Path, ctx: DistributedContext) -> LoadedRun:
     """Build the run's model for the data of ``cfg`` and load its trainables, on ``ctx.device``."""
+    from hydra.errors import InstantiationException
+
     from moka_train.models.trainables import load_trainables
     from moka_train.training.recipe import build_data_and_model
 
     run_cfg = run_config(cfg, run_dir)
-    dataset, model, collator, encoders = build_data_and_model(run_cfg, ctx, inference=True)
+    try:
+        dataset, model, collator, encoders = build_data_and_model(run_cfg, ctx, inference=True)
+    except InstantiationException as error:
+        # A data root, split or checkpoint that is not there (the builders' and loaders' own errors name it):
+        # one line, where Hydra's message spans four. Anything else keeps its traceback.
+        if not isinstance(error.__cause__, (OSError, ValueError, KeyError)):
+            raise
+        raise UsageError(" ".join(str(error).split())) from None
     benchmark = check_benchmark(cfg.benchmark, [{"id": record.id} for record in dataset.records])
     if cfg.seed_mode == LIKELIHOOD and benchmark != "seed_bench":
         raise UsageError(f"seed_mode=likelihood is SEED-Bench's rule; this data is {benchmark}")
