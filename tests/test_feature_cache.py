@@ -232,3 +232,21 @@ def test_audio_windows_are_fingerprinted_by_the_windows_they_cut(monkeypatch):
     assert cache_config("audio", encoder, {"frames": 10, "audio_windows": "music_avqa"}) != named
     with pytest.raises(ValueError, match="unknown audio window preset 'nope'"):
         cache_config("audio", encoder, {"audio_windows": "nope"})
+
+
+def test_a_modalitys_cache_depends_on_its_own_media_settings_only():
+    """MUSIC-AVQA's two presets differ in their audio windows only: their video frames share one visual cache
+    (every frame went through CLIP again before). The audio cache ignores frames and frame_size; a default
+    written out is the default left out."""
+    from moka_train.data.caching import cache_config
+
+    clip, beats = {"encoder": "clip"}, {"encoder": "beats"}
+    ours = {"frames": 10, "frame_size": [224, 224], "audio_windows": "music_avqa"}
+    official = {"frames": 10, "frame_size": (224, 224), "audio_windows": "music_avqa_official", "sample_rate": 8000}
+    assert cache_config("visual", clip, ours) == cache_config("visual", clip, official)
+    assert cache_config("visual", clip, ours) != cache_config("visual", clip, {**ours, "frames": 8})
+    assert cache_config("visual", clip, ours) != cache_config("visual", clip, {**ours, "frame_size": None})
+    assert cache_config("audio", beats, ours) != cache_config("audio", beats, official)
+    assert cache_config("audio", beats, ours) == cache_config("audio", beats, {"audio_windows": "music_avqa"})
+    assert cache_config("audio", beats, ours) == cache_config("audio", beats, {**ours, "sample_rate": 16000})
+    assert cache_config("speech", beats, {"frames": 3}) == cache_config("speech", beats, {"frames": 10})

@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 from moka_train.data.dataset import MediaSource
 from moka_train.data.features import FeatureCache, media_key
-from moka_train.data.media import resolve_audio_windows
+from moka_train.data.media import MediaLoader, resolve_audio_windows
 from moka_train.data.records import MediaRef, Record
+from moka_train.modality import Modality
 from moka_train.models.encoders import SegmentEncoder
 
 ON_ERROR = ("error", "skip")
@@ -44,11 +45,21 @@ def _with_file_stats(value: Any) -> Any:
 
 # Media settings that change where media are read from, not what is read: left out of the fingerprint.
 _MEDIA_SOURCE_ONLY = ("extracted_dir",)
+# Settings that shape one kind of media only: the other modalities' caches leave them out, so that changing the
+# audio windows (music_avqa vs music_avqa_moka) does not re-encode every video frame through CLIP.
+_VISUAL_ONLY = ("frames", "frame_size")
+_SOUND_ONLY = ("audio_windows", "sample_rate")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MediaLoader) if f.name in _VISUAL_ONLY + _SOUND_ONLY}
 
 
 def cache_config(modality: str, encoder: Mapping[str, Any], media: Mapping[str, Any]) -> dict[str, Any]:
-    """What a modality's cached features depend on: its encoder's config and how its media are read."""
-    media = {key: value for key, value in media.items() if key not in _MEDIA_SOURCE_ONLY}
+    """What a modality's cached features depend on: its encoder's config and how its media are read (the
+    settings of its kind of media only, a default written out or left out alike)."""
+    other_kind = _SOUND_ONLY if Modality.parse(modality) is Modality.VISUAL else _VISUAL_ONLY
+    media = {key: value for key, value in media.items() if key not in _MEDIA_SOURCE_ONLY + other_kind}
+    for key, default in _DEFAULTS.items():
+        if key not in other_kind:
+            media.setdefault(key, default)
     if "audio_windows" in media:  # the windows a preset name stands for: a preset redefined changes the key
         media["audio_windows"] = dataclasses.asdict(resolve_audio_windows(media["audio_windows"]))
     return {"modality": modality, "encoder": _with_file_stats(dict(encoder)), "media": _with_file_stats(media)}
