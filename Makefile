@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 .PHONY: demo test lint install test-latest
 
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "moka-train needs Python >= 3.11 (torch 2.15 and transformers 5.24 do); this $(PYTHON) is " + sys.version.split()[0] + ": run make with PYTHON=python3.11 (or newer)")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -c constraints.txt -e ".[dev]"
 	touch $@
@@ -24,6 +25,7 @@ lint: $(VENV)/.installed
 # The suite against the newest releases (without constraints.txt), in a venv of its own: run it before raising
 # the pins in constraints.txt, to see what an upstream release breaks before a fresh install meets it.
 test-latest:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "moka-train needs Python >= 3.11")'
 	rm -rf .venv-latest
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/pip install -e ".[dev]"
