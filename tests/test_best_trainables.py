@@ -49,6 +49,21 @@ def test_only_a_strictly_lower_loss_replaces_the_best(tmp_path: Path):
     assert [p.name for p in best.directory.iterdir()] == ["step-00000010"]  # the earlier bests are gone
 
 
+def test_an_evaluation_of_a_best_step_outlives_the_step(tmp_path: Path):
+    """evaluate.py run_dir=<run_dir>/best writes eval/ into the best step's folder; a lower loss later made the
+    folder go whole, the user's scores with it. Now the trainables go and the evaluation stays."""
+    best = BestTrainables(tmp_path, SETTINGS)
+    best.offer(50, 2.0, writer("step 50"))
+    scores = best.link / "eval" / "music_avqa" / "test" / "score.json"
+    scores.parent.mkdir(parents=True)
+    scores.write_text("{}")
+    best.offer(100, 1.0, writer("step 100"))
+    old = best.directory / "step-00000050"
+    assert sorted(p.name for p in old.iterdir()) == ["eval"]
+    assert (old / "eval" / "music_avqa" / "test" / "score.json").read_text() == "{}"
+    assert kept(best)[1] == "step 100"
+
+
 def test_a_save_that_dies_half_way_leaves_the_previous_best(tmp_path: Path):
     best = BestTrainables(tmp_path, SETTINGS)
     best.offer(2, 3.0, writer("step 2"))

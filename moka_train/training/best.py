@@ -142,8 +142,21 @@ class BestTrainables:
             return
         keep = self.recorded_by_checkpoints() | ({self.kept.name} if self.kept else set())
         for other in self.directory.iterdir():
-            if other.name not in keep and not other.name.startswith("."):
+            if other.name in keep or other.name.startswith("."):
+                continue
+            # What a user wrote there (evaluate.py run_dir=<run_dir>/best puts its eval/ in the step's folder) is
+            # kept: only the files offer() wrote are removed.
+            extra = sorted(path.name for path in other.iterdir() if path.name not in OWN_FILES)
+            if not extra:
                 shutil.rmtree(other)
+                continue
+            for name in OWN_FILES:
+                path = other / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+            logger.info("%s is no longer a best step: its trainables are removed, its %s kept", other, extra)
 
     def recorded_by_checkpoints(self) -> set[str]:
         """The names of the best directories the kept checkpoints record."""
@@ -190,6 +203,10 @@ class BestTrainables:
             self.prune()
         self.barrier()
         return True
+
+
+# What offer() writes into a best step's folder (prune removes these, and the folder if nothing else is there).
+OWN_FILES = ("trainables", CONFIG_NAME, RECORD_NAME)
 
 
 def _name(record: Mapping[str, Any]) -> str:
