@@ -3,7 +3,7 @@
     python scripts/evaluate.py run_dir=runs/s2 data=mme data.builder.root=/data/MME
     torchrun --nproc_per_node 8 scripts/evaluate.py run_dir=runs/s2 data=seed_bench data.builder.root=... \
         seed_mode=likelihood
-    python scripts/evaluate.py run_dir=outputs/demo/stage2_moka mode=both   # the run's own data, test split
+    python scripts/evaluate.py run_dir=outputs/demo/stage2_moka   # the run's own data, test split
 
 1. join the process group (torchrun; gloo on a CPU) or run alone;
 2. build the run's model from ``<run_dir>/config.yaml`` with the data section named here (or the run's), load

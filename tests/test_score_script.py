@@ -349,3 +349,14 @@ def test_benchmark_sizes():
     assert sum(len(types) for types in music_avqa.QUESTION_TYPES.values()) == 9
     assert len(ave.CATEGORIES) == len(set(ave.CATEGORIES)) == 28
     assert len(mme.PERCEPTION) == 10 and len(mme.COGNITION) == 4
+
+
+def test_a_rule_that_reads_no_answer_prints_no_number(score_script, tmp_path, capsys):
+    """The demo trains bare answer words; MokA's rule reads only <answer>X</answer>: every answer unparsable.
+    It printed "accuracy 0.00", which reads as a result."""
+    records = [dict(record, prediction="two") for record in AVQA]  # no <answer> tag anywhere
+    predictions = write_jsonl(tmp_path / "predictions.jsonl", records)
+    score_script.main([str(predictions), "--mode", "moka_compat"])
+    out = capsys.readouterr().out
+    assert f"music_avqa (moka_compat): accuracy n/a (no answer of {len(AVQA)} could be scored by this rule)" in out
+    assert "accuracy 0.00" not in out

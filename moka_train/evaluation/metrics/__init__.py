@@ -58,7 +58,10 @@ class BenchmarkScore:
 
     def format(self) -> str:
         """A plain-text report: the headline, the counts, then one line per group with its values."""
-        lines = [f"{self.benchmark} ({self.mode}): {self.main_name} {self.main:.2f}"]
+        headline = f"{self.main:.2f}"
+        if self.counts.get("scored") == 0:  # the rule could read no answer: a 0.00 would look like a result
+            headline = f"n/a (no answer of {self.counts.get('total', 0)} could be scored by this rule)"
+        lines = [f"{self.benchmark} ({self.mode}): {self.main_name} {headline}"]
         lines.append("  " + ", ".join(f"{name} {value}" for name, value in self.counts.items()))
         columns = list(dict.fromkeys(column for row in self.groups.values() for column in row))
         if columns:
