@@ -20,6 +20,7 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from moka_train.evaluation.runner import UsageError, check_run_dir, load_run
 
@@ -121,6 +122,9 @@ def main(cfg: DictConfig) -> None:
         map_attention(cfg)
     except UsageError as error:
         print(f"attention_maps.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except MissingMandatoryValue as error:  # run_dir(s), data.builder.root, ...: a traceback said it before
+        print(f"attention_maps.py: error: set {error.full_key}=... (it has no value)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

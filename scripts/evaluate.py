@@ -26,6 +26,7 @@ import sys
 
 import hydra
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from moka_train.evaluation.runner import UsageError, evaluate
 
@@ -38,6 +39,9 @@ def main(cfg: DictConfig) -> None:
         evaluate(cfg)
     except UsageError as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except MissingMandatoryValue as error:  # run_dir, data.builder.root, ...: a traceback said it before
+        print(f"evaluate.py: error: set {error.full_key}=... (it has no value)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

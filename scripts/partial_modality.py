@@ -19,6 +19,7 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, ListConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from moka_train.evaluation.partial_modality import (
     NOT_AVAILABLE,
@@ -134,6 +135,9 @@ def main(cfg: DictConfig) -> None:
         analyse(cfg)
     except UsageError as error:
         print(f"partial_modality.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except MissingMandatoryValue as error:  # run_dir(s), data.builder.root, ...: a traceback said it before
+        print(f"partial_modality.py: error: set {error.full_key}=... (it has no value)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -280,6 +280,9 @@ def test_bad_settings_are_refused(trained, tmp_path):
     command = [sys.executable, str(EVALUATE), f"run_dir={empty}"]
     returncode, output = run(command)
     assert returncode == 2 and "evaluate.py: error:" in output and "Traceback" not in output, output
+    returncode, output = run([sys.executable, str(EVALUATE)])  # no run_dir: a 15-line traceback before
+    assert returncode == 2 and "evaluate.py: error: set run_dir=... (it has no value)" in output, output
+    assert "Traceback" not in output
 
 
 @pytest.mark.parametrize(
