@@ -265,6 +265,8 @@ def test_bad_settings_are_refused(trained, tmp_path):
             # transformers ignores it under greedy decoding, and the record would list it as a setting
             "+generation.temperature=0.7": r"generation\.temperature=0\.7 only shape\(s\) sampling",
             "+generation.num_return_sequences=3": r"generation\.num_return_sequences=3: one answer per question",
+            # configs/ is shared with training: +adapter=lora composes, and was silently not read.
+            "+adapter=lora": r"^adapter: the run's model comes from its <run_dir>/config.yaml",
         }
         for override, message in cases.items():
             overrides = [f"run_dir={run_dir}", override] if not override.startswith("run_dir") else [override]

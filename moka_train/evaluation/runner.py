@@ -56,8 +56,22 @@ DEFAULT_MAX_NEW_TOKENS = 500
 PREDICTIONS_FILE = "predictions.jsonl"
 
 
+# Training's config groups and sections: an evaluation app reads none of them from its own command line.
+TRAINING_GROUPS = (
+    "model", "adapter", "stage", "encoder", "projector", "deepspeed", "logger", "experiment", "checkpoint", "loader",
+    "validation",
+)  # fmt: skip
+
+
 def check_settings(cfg: DictConfig) -> tuple[Path, list[str]]:
     """The run directory and the scoring modes; bad settings are a UsageError, raised before anything is built."""
+    # configs/ is shared with training, so +adapter=lora composes, and was silently not read.
+    unread = [key for key in TRAINING_GROUPS if key in cfg]
+    if unread:
+        raise UsageError(
+            f"{', '.join(unread)}: the run's model comes from its <run_dir>/config.yaml, so these are not read "
+            "(evaluate another run with run_dir=...; data=... and features=... are read)"
+        )
     if cfg.seed_mode not in SEED_MODES:
         raise UsageError(f"seed_mode must be one of {SEED_MODES}, got {cfg.seed_mode!r}")
     if cfg.mode not in (*MODES, BOTH):
