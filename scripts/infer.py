@@ -265,6 +265,12 @@ def infer(args: argparse.Namespace) -> dict[str, Any]:
     which = "the run's own" if prompt == trained_prompt else "the preset for these media"
     described = ", ".join(f"{m['modality']} {m['kind']} {m['path']}" for m in media)
     print(f"{PROG}: {run_dir} on {device}; {described}; prompt: {which}", file=sys.stderr)
+    if prompt != trained_prompt:
+        print(
+            f"{PROG}: warning: this run never trained on this prompt and media (an image to a video+audio run, say): "
+            "its answer may mean nothing",
+            file=sys.stderr,
+        )
 
     from hydra.errors import InstantiationException
 

@@ -125,7 +125,8 @@ def fill_feature_caches(
         report.already_cached += len(share) - len(mine)
         encoder = encoders[name]
         with caches[name].writer() as writer:
-            bar = tqdm(total=len(mine), desc=f"caching {name} features", disable=rank != 0, unit="item")
+            # No bar when everything is cached already (every evaluation of a cached run): "0item" reads as a fault.
+            bar = tqdm(total=len(mine), desc=f"caching {name} features", disable=rank != 0 or not mine, unit="item")
             for start in range(0, len(mine), batch_items):
                 batch: list[tuple[MediaRef, torch.Tensor]] = []
                 for ref in mine[start : start + batch_items]:
