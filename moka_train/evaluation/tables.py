@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from moka_train.evaluation.metrics.air_bench import SPEECH_TASKS
 from moka_train.evaluation.scoring import ADAPTER_PATH_FILE, EVALUATION_FILE, SCORE_FILE
 
 PAPER_NUMBERS = "paper_numbers.csv"
@@ -110,17 +111,6 @@ BENCHMARKS = {
 # data preset (configs/data/<benchmark>.yaml, and MokA's own files' presets) sets them; test_make_tables keeps
 # them in step. A run's evaluation.json records its data section, so a score of other questions (another split,
 # some of MME's subtasks, MMAU's sound questions) is listed as ignored rather than filling the paper's cell.
-AIR_BENCH_SPEECH_TASKS = [
-    "Speech_Grounding",
-    "Spoken_Language_Identification",
-    "Speaker_Gender_Recognition",
-    "Speaker_Emotion_Recontion",
-    "Speaker_Age_Prediction",
-    "Speech_Entity_Reconition",
-    "Speaker_Intent_Classification",
-    "Speaker_Number_Verification",
-    "Synthesized_Voice_Detection",
-]
 PAPER_QUESTIONS: dict[str, dict[str, Any]] = {
     "music_avqa": {"split": "test"},
     "ave": {"split": "test"},
@@ -129,7 +119,7 @@ PAPER_QUESTIONS: dict[str, dict[str, Any]] = {
     "pope": {"split": "all"},
     "seed_bench": {"split": "test", "dimensions": None},
     "mmau": {"split": "test-mini", "tasks": ["speech"]},
-    "air_bench": {"split": "Foundation", "tasks": AIR_BENCH_SPEECH_TASKS},
+    "air_bench": {"split": "Foundation", "tasks": list(SPEECH_TASKS)},
 }
 
 # Our presets that reproduce a paper row another way: their runs get a row of their own under that row (never

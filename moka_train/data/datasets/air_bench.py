@@ -66,6 +66,7 @@ from moka_train.data.datasets.common import (
 )
 from moka_train.data.prompts import AUDIO, SPEECH, Prompt
 from moka_train.data.records import MediaRef, Record, check_media
+from moka_train.evaluation.metrics.air_bench import SPEECH_TASKS
 
 INSTRUCTION = (
     "Choose the most suitable answer from options A, B, C, and D to respond the question in next line, "
@@ -74,18 +75,6 @@ INSTRUCTION = (
 LETTERS = ("A", "B", "C", "D")
 OPTION_FIELDS = ("choice_a", "choice_b", "choice_c", "choice_d")
 REQUIRED = ("path", "question", "choice_a", "choice_b", "answer_gt", "task_name", "dataset_name", "uniq_id")
-# The speech tasks of the Foundation set (9 tasks in 11 task_dataset folders), spelled as in the file.
-SPEECH_TASKS = (
-    "Speech_Grounding",
-    "Spoken_Language_Identification",
-    "Speaker_Gender_Recognition",
-    "Speaker_Emotion_Recontion",
-    "Speaker_Age_Prediction",
-    "Speech_Entity_Reconition",
-    "Speaker_Intent_Classification",
-    "Speaker_Number_Verification",
-    "Synthesized_Voice_Detection",
-)
 MISSING_OPTIONS = ("none", "omit")
 # The other extension to try when the listed file is absent (Audio_Grounding's .flac files listed as wav).
 OTHER_EXTENSION = {".wav": ".flac", ".flac": ".wav"}
