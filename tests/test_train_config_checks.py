@@ -272,3 +272,19 @@ def test_random_encoders_beside_a_real_backbone_are_refused():
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cell = compose("train", overrides=["experiment=table1/llama2_ave"])
     check_encoder_weights(cell, ["visual", "audio"])
+
+
+def test_a_stage1_run_refuses_to_take_an_adapter_from_its_init(tmp_path):
+    """stage=pretrain trains no adapter: stage.init_from naming parts [adapter] is refused, naming the entry
+    (without parts, the adapter of a stage-2 run's trainables is left out: tests/test_train_app.py)."""
+    from moka_train.models.trainables import save_trainables
+    from moka_train.training.recipe import build_model_and_collator
+
+    widths = {"visual": 16, "audio": 16}
+    stage2, _ = build_model_and_collator(composed("model=tiny_llama", "projector.num_queries=2"), widths)
+    save_trainables(stage2, tmp_path / "trainables")
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        asked = f"stage.init_from=[{{path:{tmp_path / 'trainables'},parts:[projectors,adapter]}}]"
+        cfg = compose("train", overrides=["stage=pretrain", "model=tiny_llama", "projector.num_queries=2", asked])
+    with pytest.raises(ValueError, match=r"stage.init_from\[0\].parts: this run trains no adapter"):
+        build_model_and_collator(cfg, widths)
