@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -58,6 +59,13 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def fsync_tree(directory: Path) -> None:
+    """Flush every file under ``directory`` to disk, then the directories' entries."""
+    for path in sorted(directory.rglob("*"), key=lambda p: -len(p.parts)):  # files before their folders
+        fsync_path(path)
+    fsync_path(directory)
+
+
 def write_atomic(path: Path, write: Callable[[str], object]) -> None:
     """``write(tmp_path)`` beside ``path``, flushed to disk, then rename: a kill mid-save never leaves a truncated
     file, and neither does a machine crash right after (without the flush a file system may commit the rename
@@ -89,14 +97,12 @@ def write_folder_atomic(folder: Path, write: Callable[[Path], object]) -> None:
         for path in staging.rglob("*"):
             if path.is_file():
                 os.chmod(path, mode)
-                fsync_path(path)
+        fsync_tree(staging)
         if folder.is_dir():
             folder.rmdir()  # empty (the caller refuses a folder with files in it)
         os.replace(staging, folder)
     finally:
         if staging.exists():
-            import shutil
-
             shutil.rmtree(staging)
 
 

@@ -14,15 +14,13 @@ averaged) and ``<n>_<id>.png``, a heat map per question.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
-from moka_train.evaluation.runner import UsageError, check_run_dir, load_run
+from moka_train.evaluation.runner import UsageError, check_run_dir, load_run, run_app
 
 MAPS_FILE = "attention_maps.json"
 
@@ -118,14 +116,7 @@ def map_attention(cfg: DictConfig) -> list[dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="attention_maps")
 def main(cfg: DictConfig) -> None:
-    try:
-        map_attention(cfg)
-    except UsageError as error:
-        print(f"attention_maps.py: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except MissingMandatoryValue as error:  # run_dir(s), data.builder.root, ...: a traceback said it before
-        print(f"attention_maps.py: error: set {error.full_key}=... (it has no value)", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_app("attention_maps.py", map_attention, cfg)
 
 
 if __name__ == "__main__":

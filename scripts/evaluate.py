@@ -22,27 +22,17 @@ scripts/partial_modality.py runs a table of them). The steps live in ``moka_trai
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
 
-from moka_train.evaluation.runner import UsageError, evaluate
+from moka_train.evaluation.runner import UsageError, evaluate, run_app
 
 __all__ = ["UsageError", "evaluate", "main"]
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except UsageError as error:
-        print(f"evaluate.py: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except MissingMandatoryValue as error:  # run_dir, data.builder.root, ...: a traceback said it before
-        print(f"evaluate.py: error: set {error.full_key}=... (it has no value)", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_app("evaluate.py", evaluate, cfg)
 
 
 if __name__ == "__main__":

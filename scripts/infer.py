@@ -45,6 +45,7 @@ from moka_train.evaluation.runner import (
     check_adapter_paths,
     check_run_dir,
     keep_adapter_path,
+    one_line,
     parse_modalities,
 )
 
@@ -278,7 +279,7 @@ def infer(args: argparse.Namespace) -> dict[str, Any]:
     try:
         dataset, model, collator, encoders = build_data_and_model(run_cfg, ctx, inference=True)
     except (OSError, ValueError, InstantiationException) as error:  # a checkpoint that does not load, a bad config
-        raise UsageError(f"cannot build the run's model: {' '.join(str(error).split())}") from None
+        raise UsageError(f"cannot build the run's model: {one_line(error)}") from None
     model.encoders.update(encoders)  # raw media: the model encodes them itself
     trainables = run_dir / "trainables"
     try:

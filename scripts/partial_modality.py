@@ -14,12 +14,10 @@ one line. Rank 0 then writes ``<table_dir>/partial_modality.md``, ``.csv`` and `
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, ListConfig
-from omegaconf.errors import MissingMandatoryValue
 
 from moka_train.evaluation.partial_modality import (
     NOT_AVAILABLE,
@@ -39,6 +37,7 @@ from moka_train.evaluation.runner import (
     evaluation_record,
     keep_adapter_path,
     load_run,
+    run_app,
     write_and_score,
 )
 
@@ -131,14 +130,7 @@ def analyse(cfg: DictConfig) -> PartialModalityTable | None:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="partial_modality")
 def main(cfg: DictConfig) -> None:
-    try:
-        analyse(cfg)
-    except UsageError as error:
-        print(f"partial_modality.py: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except MissingMandatoryValue as error:  # run_dir(s), data.builder.root, ...: a traceback said it before
-        print(f"partial_modality.py: error: set {error.full_key}=... (it has no value)", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_app("partial_modality.py", analyse, cfg)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,6 +123,26 @@ def run_adapter_method(run_dir: Path, action: str) -> str:
     return str(run_cfg.adapter.method)
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (Hydra's InstantiationException spans several, naming full_key)."""
+    return " ".join(str(error).split())
+
+
+def run_app(prog: str, app: Callable[[DictConfig], object], cfg: DictConfig) -> None:
+    """An evaluation app's body: a UsageError, or a setting left without a value (run_dir, data.builder.root),
+    is one ``<prog>: error: ...`` line on stderr and exit status 2, not a traceback."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        app(cfg)
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except MissingMandatoryValue as error:
+        print(f"{prog}: error: set {error.full_key}=... (it has no value)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def load_adapted_backbone(run_dir: Path) -> tuple[Any, DictConfig]:
     """``adapters.merge.load_run_backbone`` (the run's backbone carrying its trained adapter, and the run's
     config), with a checkpoint that does not load reported as a UsageError."""
@@ -132,8 +153,7 @@ def load_adapted_backbone(run_dir: Path) -> tuple[Any, DictConfig]:
     try:
         return load_run_backbone(run_dir)
     except (OSError, ValueError, InstantiationException) as error:  # Hydra wraps a checkpoint that fails to load
-        message = " ".join(str(error).split())  # one line: Hydra's message spans several, naming full_key
-        raise UsageError(f"cannot load the run's backbone and adapter: {message}") from None
+        raise UsageError(f"cannot load the run's backbone and adapter: {one_line(error)}") from None
 
 
 def check_new_folder(out: Path, run_dir: Path) -> Path:
@@ -231,7 +251,7 @@ def load_run(cfg: DictConfig, run_dir: Path, ctx: DistributedContext) -> LoadedR
         # one line, where Hydra's message spans four. Anything else keeps its traceback.
         if not isinstance(error.__cause__, (OSError, ValueError, KeyError)):
             raise
-        raise UsageError(" ".join(str(error).split())) from None
+        raise UsageError(one_line(error)) from None
     benchmark = check_benchmark(cfg.benchmark, [{"id": record.id} for record in dataset.records])
     if cfg.seed_mode == LIKELIHOOD and benchmark != "seed_bench":
         raise UsageError(f"seed_mode=likelihood is SEED-Bench's rule; this data is {benchmark}")

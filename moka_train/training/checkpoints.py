@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moka_train.checkpoint_io import fsync_path, write_atomic, write_text_atomic
+from moka_train.checkpoint_io import fsync_path, fsync_tree, write_atomic, write_text_atomic
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
@@ -85,13 +85,6 @@ def install(staging: Path, final: Path) -> None:
     fsync_path(final.parent)  # the rename is on disk before anything older is removed
     if replaced is not None:
         shutil.rmtree(replaced)
-
-
-def fsync_tree(directory: Path) -> None:
-    """Flush every file under ``directory`` to disk, then the directories' entries."""
-    for path in sorted(directory.rglob("*"), key=lambda p: -len(p.parts)):  # files before their folders
-        fsync_path(path)
-    fsync_path(directory)
 
 
 class CheckpointManager:
