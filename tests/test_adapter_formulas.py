@@ -250,3 +250,32 @@ def test_empty_question_span_is_finite(method):
     assert torch.isfinite(out).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     torch.testing.assert_close(out, no_ca(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", [*MOKA_FAMILY, "lora", "multi_lora", "uni_lora"])
+def test_training_drops_the_adapter_input_and_evaluation_does_not(method):
+    """``dropout`` acts on the input of A (the LoRA convention; the MokA attention then mixes the dropped
+    activations): in training the delta is the reference formula on ``dropout(x)`` with the same draw, and in
+    evaluation on ``x`` itself. The base layer always sees ``x`` whole."""
+    p = 0.4
+    cfg = AdapterConfig(method=method, rank=3, alpha=6.0, target_modules=["q_proj"], dropout=p)
+    torch.manual_seed(0)
+    model = inject_adapters(OneLinear(), cfg)
+    randomize_adapters(model, seed=1, std=0.5)
+    ids, question, _ = routing_batch(LAYOUTS, pad_side="right")
+    x = torch.randn(*ids.shape, IN)
+    set_routing(model, ids, question)
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        trained = (model(x) - model.q_proj.base_layer(x)).double()
+        model.eval()
+        evaluated = (model(x) - model.q_proj.base_layer(x)).double()
+    torch.manual_seed(7)
+    dropped = torch.nn.functional.dropout(x, p, training=True)
+    assert (dropped == 0).any()
+    weights = weights_of(model)
+    want_trained = reference_delta(weights, cfg, dropped, ids, question)
+    assert (want_trained - reference_delta(weights, cfg, x, ids, question)).abs().max() > 0.1  # dropout matters
+    torch.testing.assert_close(trained, want_trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(evaluated, reference_delta(weights, cfg, x, ids, question), rtol=1e-5, atol=1e-5)
