@@ -18,6 +18,7 @@ from moka_train.data.datasets import ave, music_avqa
 from moka_train.data.datasets.ave import CATEGORIES, INSTRUCTION, build_ave
 from moka_train.data.datasets.moka_official import build_ave_moka, build_music_avqa_moka
 from moka_train.data.datasets.music_avqa import ANSWERS, build_music_avqa
+from moka_train.data.media import WINDOW_PRESETS
 from moka_train.data.prompts import Prompt
 from moka_train.data.records import Record
 from tests.reference_files import shared_file
@@ -628,7 +629,7 @@ def test_config_composes_and_builds(tmp_path, name, windows, default_prompt, id_
     with initialize_config_dir(version_base=None, config_dir=str(CONFIGS)):
         cfg = compose(overrides=[f"+data={name}", f"data.builder.root={tmp_path}"])
     assert (cfg.data.media.frames, cfg.data.media.audio_windows) == (10, windows)
-    assert windows in pytest.importorskip("moka_train.data.media").WINDOW_PRESETS
+    assert windows in WINDOW_PRESETS
     assert instantiate(cfg.data.builder.prompt) == default_prompt
     with warnings.catch_warnings():
         warnings.simplefilter("error")

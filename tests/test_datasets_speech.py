@@ -668,10 +668,8 @@ def test_air_bench_config_prompt_is_official(air_bench):
 
 
 def test_config_window_presets_exist():
-    media = pytest.importorskip("moka_train.data.media")
-    presets = getattr(media, "WINDOW_PRESETS", None)
-    if presets is None:
-        pytest.skip("moka_train.data.media has no WINDOW_PRESETS yet")
+    from moka_train.data.media import WINDOW_PRESETS
+
     for name in ("audiocaps", "librispeech", "mmau", "air_bench"):
         with initialize_config_dir(config_dir=str(DATA_CONFIGS), version_base=None):
-            assert compose(config_name=name).media.audio_windows in presets
+            assert compose(config_name=name).media.audio_windows in WINDOW_PRESETS

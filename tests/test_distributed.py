@@ -145,7 +145,6 @@ def test_zero3_matches_single_process(reference: tuple[dict, Path], tmp_path: Pa
     matmul reads every A at once, and ``save_adapter`` gathers the partitioned weights. The embeddings are
     frozen, so layer 0's adapted q/k/v see inputs without grad (DeepSpeed's leaf-module gradient hook
     crashed on those before the adapters made such inputs require grad)."""
-    pytest.importorskip("deepspeed")
     record, _ = _train("zero3", tmp_path)
     _assert_matches_reference(record, tmp_path, reference)
 
@@ -173,7 +172,6 @@ def test_zero3_generate_matches_single_process(generate_reference: dict[int, dic
     """ZeRO-3 (every parameter partitioned, no optimizer) with ``MultimodalLM.generate``'s default: each
     rank's ids equal the single-process ones, and rank 0 kept running forwards after its EOS until rank 1
     was done. transformers alone would not have synced: it only checks for ``HfDeepSpeedConfig``."""
-    pytest.importorskip("deepspeed")
     returncode, description, records = _generate("zero3", tmp_path)
     assert returncode == 0 and len(records) == WORLD_SIZE, description
     new_tokens = generate_reference[1]["max_new_tokens"]
@@ -188,7 +186,6 @@ def test_zero3_generate_matches_single_process(generate_reference: dict[int, dic
 def test_zero3_generate_without_sync_hangs(generate_reference: dict[int, dict], tmp_path: Path) -> None:
     """The same with ``synced_gpus=False``: rank 0 finishes (with the right ids) and stops running forwards,
     and rank 1 waits in ZeRO-3's parameter gather until its watchdog ends it."""
-    pytest.importorskip("deepspeed")
     returncode, description, records = _generate("nosync", tmp_path)
     assert returncode != 0 and sorted(records) == [0], description
     assert records[0]["ids"] == generate_reference[0]["ids"] and records[0]["forwards"] == 2, records[0]

@@ -16,6 +16,7 @@ import types
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -25,6 +26,12 @@ from moka_train.training.run_logger import RunLogger, read_metrics, write_loss_c
 LOGGER_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "logger").glob("*.yaml"))
 HAVE_TENSORBOARD = rl.find_spec("tensorboard") is not None
 HAVE_MATPLOTLIB = rl.find_spec("matplotlib") is not None
+
+
+def test_the_logging_packages_are_installed():
+    """matplotlib and tensorboard are required dependencies (pyproject.toml): a broken install fails here
+    rather than showing only as the skips below, which are for a user's trimmed environment."""
+    assert HAVE_MATPLOTLIB and HAVE_TENSORBOARD
 
 
 def step_metrics(step: int, part: int = 0) -> dict[str, float]:
@@ -199,7 +206,6 @@ def test_eta_spreads_the_time_between_steps_over_the_steps_left(tmp_path, monkey
 
 
 def test_numpy_numbers_and_measured_step_time(tmp_path):
-    np = pytest.importorskip("numpy")
     with RunLogger(tmp_path, total_steps=3, bar=False) as logger:
         record = logger.log(1, {"loss": np.float32(2.5), "tokens": np.int64(100)})
         with pytest.raises(TypeError, match="'lr' must be a number"):
@@ -282,7 +288,6 @@ def test_read_metrics_skips_a_torn_last_line_and_a_fresh_restart_supersedes_all(
 
 
 def test_wandb_offline_run_read_back_resumes_same_id_and_no_network(tmp_path, no_network):
-    pytest.importorskip("wandb")
     run = tmp_path / "run"
     config = {"model": {"name": "tiny_llama"}, "adapter": {"method": "moka", "rank": 4}}
     with RunLogger(run, 6, backend="wandb", config=config, project="moka-test", name="unit", bar=False) as logger:

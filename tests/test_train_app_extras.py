@@ -69,7 +69,6 @@ def assert_tensorboard_holds(run_dir: Path, records: list[dict]) -> None:
 def test_tensorboard_through_the_app_matches_metrics_and_resume_hides_the_crashed_steps(
     demo_root: Path, tmp_path: Path
 ):
-    pytest.importorskip("tensorboard")
     run_dir = tmp_path / "run"
     train(run_dir, demo_root, "deepspeed=none", "logger=tensorboard", *KILL, expect=FAULT_EXIT_CODE)
     crashed = metric_lines(run_dir)
@@ -102,7 +101,6 @@ def test_wandb_through_the_app_logs_metrics_and_config_and_resume_keeps_the_run_
 ):
     """W&B offline (the preset's default), with WANDB_MODE=online, WANDB_DIR elsewhere, every proxy and the W&B
     server pointing at a loopback listener and W&B's caches in tmp_path (no_network, inherited by the app)."""
-    pytest.importorskip("wandb")
     run_dir = tmp_path / "run"
     train(run_dir, demo_root, "deepspeed=none", "logger=wandb", *KILL, expect=FAULT_EXIT_CODE)
     train(run_dir, demo_root, "deepspeed=none", "logger=wandb", "resume=auto", *KILL[:1])

@@ -133,7 +133,6 @@ def deepspeed_engine(check: str, argument: str) -> dict:
 
 def test_engine_runs_our_schedule_and_clipping():
     """A real DeepSpeed engine keeps the scheduler we hand it and the clipping we resolved."""
-    pytest.importorskip("deepspeed")
     report = deepspeed_engine("schedule", "zero2")
     assert report["ours"] and report["clipping"] == 0.5
     # Steps 1..6 of a 10-step cosine schedule with 2 warmup steps, peak 1e-3 (the lr after each step).
@@ -144,7 +143,6 @@ def test_deepspeed_bf16_never_applies_nan_gradients_unseen():
     """ZeRO-2 in bf16, a NaN in the bias's gradient behind a finite loss. As resolved, DeepSpeed's overflow check
     is on: the step is not applied and is reported. With the check off (DeepSpeed's default before its PR #8035,
     which an older install would have) DeepSpeed applies the NaN: our engine must stop the run rather than go on."""
-    pytest.importorskip("deepspeed")
     resolved = deepspeed_engine("nonfinite", "resolved")
     assert resolved == {**resolved, "check_grad_overflow": True, "applied": False, "nonfinite": True, "unchanged": True}
     assert math.isfinite(resolved["loss"])
