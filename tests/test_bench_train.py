@@ -89,6 +89,10 @@ def test_methods_differ_only_in_what_trains(quick_run):
     assert rows["none"]["tokens"] == sum(per_batch[(warmup + r) % len(per_batch)] for r in range(steps))
     # The frozen backbone is the same model for every method.
     assert len({row["frozen_bytes"] for row in rows.values()}) == 1
+    # fp32 trainables and AdamW's two moments of each (plus a one-element step count per tensor).
+    for row in rows.values():
+        assert row["trainable_bytes"] == 4 * row["trainable_params"]
+        assert 2 * row["trainable_bytes"] <= row["optimizer_state_bytes"] <= 2.01 * row["trainable_bytes"]
 
 
 def test_large_is_refused_on_the_cpu(bench, capsys):
