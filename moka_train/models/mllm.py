@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.utils import ModelOutput
 
 from moka_train.adapters import adapter_named_parameters, carries_adapters, set_routing, take_aux_loss
 from moka_train.adapters.model import numel
@@ -74,10 +75,16 @@ def encode_media(encoders: Mapping[str, nn.Module], batch: Mapping[str, Any]) ->
 
 
 @dataclass
-class MultimodalOutput:
-    loss: Tensor | None
-    logits: Tensor
-    label_count: int
+class MultimodalOutput(ModelOutput):
+    """A ``ModelOutput``, which DeepSpeed reads as a dict: its engine hooks the tensors of a tensor, tuple, list
+    or dict output to learn, at each micro-step's backward, whether the micro-step ends the optimizer step. With
+    a plain dataclass it never learnt it, and ZeRO with the optimizer offloaded lost micro-steps' gradients
+    whenever the trainables filled more than one gradient bucket."""
+
+    # (ModelOutput wants None defaults; forward always sets logits and label_count.)
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    label_count: int | None = None
 
 
 class MultimodalLM(nn.Module):
