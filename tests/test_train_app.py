@@ -351,6 +351,9 @@ def test_deepspeed_resume_matches_uninterrupted(demo_root: Path, tmp_path: Path)
     (checkpoint,) = (stopped / "checkpoints").iterdir()
     assert checkpoint.name == "step-00000001"
     assert len(list(checkpoint.glob("state/**/*optim_states.pt"))) == 2  # both ranks' optimizer shards
+    # Each rank its own dropout stream: the random states saved by the two ranks differ (no dropout drew here).
+    states = [torch.load(checkpoint / "rng" / f"rank-{r:05d}.pt", weights_only=True)["torch"] for r in (0, 1)]
+    assert not torch.equal(*states)
     train(stopped, demo_root, "deepspeed=zero2", "resume=auto", nproc=2)
     assert_same_trainables(trainables(stopped), trainables(whole))
 

@@ -653,6 +653,10 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
     total_steps = plan.steps_per_epoch * cfg.stage.epochs if cfg.stage.max_steps is None else cfg.stage.max_steps
     logger.info("data: %s; %d optimizer steps", plan.describe(), total_steps)
     engine = build_engine(cfg, model, plan, total_steps, ctx)
+    # From here on the random numbers are dropout's (the data order has its own seeded generators): each rank its
+    # own stream, or every rank would drop the same positions of its Q-Former queries and adapter inputs. One
+    # process keeps the seed itself. A resumed run restores each rank's saved state below.
+    torch.manual_seed(cfg.seed + ctx.rank)
 
     trained_on = data_identity(record.id for record in dataset.records)
     start_step, resumed = 0, {}
