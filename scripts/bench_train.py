@@ -70,10 +70,11 @@ from moka_train.benchmarking import SavedTensorMeter, machine_info, synchronize
 from moka_train.data.collate import batch_to_device
 from moka_train.models.mllm import count_label_tokens, encode_media
 from moka_train.training.batch_plan import BatchPlan, PlanSampler
+from moka_train.training.config_checks import check_config
 from moka_train.training.distributed import DistributedContext, init_distributed
 from moka_train.training.engine import TorchEngine
 from moka_train.training.guards import check_loss
-from moka_train.training.recipe import build_data_and_model, build_engine, check_config
+from moka_train.training.recipe import build_data_and_model, build_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("none", "lora", "moka")

@@ -295,7 +295,7 @@ def test_tiny_model_preset_instantiates_under_an_experiment(tiny_model):
 @pytest.mark.parametrize("stage", ["pretrain", "instruct"])
 def test_demo_composes_for_both_stages(stage):
     """The demo runs both stages from one experiment: stage 1 without an adapter, stage 2 with one."""
-    from moka_train.training.recipe import check_config
+    from moka_train.training.config_checks import check_config
 
     overrides = ["experiment=demo", f"stage={stage}"] + (["adapter=moka"] if stage == "instruct" else [])
     cfg = compose("train", overrides=overrides)

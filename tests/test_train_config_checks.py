@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from moka_train.training.batch_plan import BatchPlan, PlanSampler
-from moka_train.training.recipe import check_config, claim_new_directory, fingerprinted_config, init_entries
+from moka_train.training.config_checks import KNOWN_KEYS, check_config, init_entries
+from moka_train.training.recipe import claim_new_directory, fingerprinted_config
 from tests.launch import ROOT
 
 
@@ -79,11 +81,68 @@ def test_an_unknown_preset_is_refused_by_name():
         (["loader.num_workers=-1"], "loader.num_workers must be an integer >= 0"),
         (["loader.max_length=-5"], "loader.max_length must be a positive integer or null"),
         (["loader.on_overflow=dorp"], "loader.on_overflow must be one of"),
+        # Components, checked before anything loads (they used to fail after the encoders and the backbone):
+        (["adapter.rank=0"], "adapter: AdapterConfig.rank must be >= 1"),
+        (["adapter.rank=4.7"], "adapter: AdapterConfig.rank must be a positive integer, got 4.7"),
+        (["adapter.method=mokaa"], "adapter: .*mokaa"),
+        (["+adapter.rnak=8"], "adapter: .*rnak"),
+        (["logger.bar=flase"], "logger.bar must be true or false, got 'flase'"),
+        (["logger=wandb", "logger.mode=ofline"], "logger.mode must be one of"),
+        (["logger.smoothing_window=2.5"], "logger.smoothing_window must be a positive integer, got 2.5"),
+        (["model.chat_template=llama2_offical"], "model.chat_template must be 'tokenizer' or one of"),
+        (["deepspeed=none", "stage.precision=fp16"], "stage.precision=fp16 needs DeepSpeed"),
+        (["deepspeed.json=zero5.json"], "deepspeed.json: DeepSpeed config .*zero5.json does not exist"),
+        (["stage.init_from=/no/such/run/trainables"], r"stage.init_from\[0\].path: trainables checkpoint /no/such"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         check_config(composed(*overrides))
+
+
+def test_a_paper_preset_without_its_stage1_runs_names_stage1_dir():
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=table1/llama2_ave", "adapter=moka"])
+    with pytest.raises(ValueError, match=r"stage.init_from\[0\].path: .*runs/stage1/llama2_visual.* stage1_dir="):
+        check_config(cfg)
+
+
+def test_a_typo_in_an_experiment_file_is_refused_by_name(tmp_path: Path):
+    """Hydra refuses an unknown key on the command line, but composes in one that a config file adds: an
+    experiment's ``stage: {lrr: ...}`` would train at the default rate without a word."""
+    configs = tmp_path / "configs"
+    shutil.copytree(ROOT / "configs", configs)
+    (configs / "experiment" / "typo.yaml").write_text(
+        "# @package _global_\nstage:\n  lrr: 1.0\nchekpoint:\n  every_steps: 10\nvalidation:\n  spilt: val\n"
+    )
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = compose("train", overrides=["adapter=moka", "experiment=typo"])
+    assert cfg.stage.lrr == 1.0  # composed in
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) chekpoint \(from the command line or an experiment"):
+        check_config(cfg)
+    with open_dict(cfg):
+        del cfg["chekpoint"]
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) stage.lrr .*stage takes name, epochs"):
+        check_config(cfg)
+    with open_dict(cfg):
+        del cfg.stage["lrr"]
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) validation.spilt"):
+        check_config(cfg)
+
+
+def test_the_known_keys_are_the_config_files_keys():
+    """KNOWN_KEYS lists what configs/train.yaml, configs/stage/*.yaml and configs/deepspeed/*.yaml define (and the
+    top level's config groups), so neither a new setting nor a removed one goes unnoticed."""
+    train = OmegaConf.load(ROOT / "configs" / "train.yaml")
+    groups = {entry if isinstance(entry, str) else next(iter(entry)) for entry in train.defaults}
+    groups = {g.split("/")[0].removeprefix("override ") for g in groups} - {"_self_", "experiment", "hydra"}
+    top = {key for key in train if key not in ("defaults", "hydra")}
+    assert set(KNOWN_KEYS[""]) == top | groups | {"stage1_dir"}
+    for section in ("checkpoint", "features", "loader", "validation", "fault"):
+        assert set(KNOWN_KEYS[section]) == set(train[section]), section
+    for folder in ("stage", "deepspeed"):
+        for path in (ROOT / "configs" / folder).glob("*.yaml"):
+            assert set(KNOWN_KEYS[folder]) == set(OmegaConf.load(path)), path
 
 
 def test_instruct_needs_an_adapter():

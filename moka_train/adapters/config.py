@@ -70,16 +70,16 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.modalities has duplicates: {list(self.modalities)}")
         self.modalities = [m.key for m in sorted(names)]
         if isinstance(self.rank, Mapping):
-            self.rank = {Modality.parse(k).key: int(v) for k, v in self.rank.items()}
+            self.rank = {Modality.parse(k).key: _whole(v, f"rank.{k}") for k, v in self.rank.items()}
         else:
-            self.rank = int(self.rank)
+            self.rank = _whole(self.rank, "rank")
         if isinstance(self.cross_attn_lambda, Mapping):
             self.cross_attn_lambda = {Modality.parse(k).key: float(v) for k, v in self.cross_attn_lambda.items()}
         else:
             self.cross_attn_lambda = float(self.cross_attn_lambda)
         self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
-        self.num_experts = None if self.num_experts is None else int(self.num_experts)
+        self.num_experts = None if self.num_experts is None else _whole(self.num_experts, "num_experts")
         self.aux_loss_weight = float(self.aux_loss_weight)
         self.validate()
 
@@ -166,3 +166,11 @@ class AdapterConfig:
         if unknown:
             raise ValueError(f"unknown AdapterConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**data)
+
+
+def _whole(value: Any, name: str) -> int:
+    """A count from Hydra or JSON as an int: ``4`` or ``4.0``; ``4.7``, ``true`` or ``"abc"`` are refused rather
+    than silently read as 4, 1 or a bare ``int()`` error."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value % 1:
+        raise ValueError(f"AdapterConfig.{name} must be a positive integer, got {value!r}")
+    return int(value)

@@ -40,13 +40,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moka_train.checkpoint_io import write_text_atomic
 from moka_train.data.caching import fill_feature_caches, open_caches
-from moka_train.data.collate import ON_OVERFLOW, MultimodalCollator, batch_to_device
+from moka_train.data.collate import MultimodalCollator, batch_to_device
 from moka_train.data.dataset import MultimodalDataset
 from moka_train.data.media import build_media_loader
 from moka_train.data.records import Record, check_media
 from moka_train.models.build import build_multimodal_lm
 from moka_train.models.mllm import MultimodalLM, count_label_tokens, encode_media
-from moka_train.models.trainables import PARTS, available_parts, load_trainables, save_trainables
+from moka_train.models.trainables import available_parts, load_trainables, save_trainables
 from moka_train.training.batch_plan import BatchPlan, PlanSampler, check_batch_split
 from moka_train.training.best import BestTrainables
 from moka_train.training.checkpoints import (
@@ -61,6 +61,7 @@ from moka_train.training.checkpoints import (
     save_rng,
     write_staging,
 )
+from moka_train.training.config_checks import check_config, init_entries
 from moka_train.training.deepspeed_config import load_deepspeed_config, resolve_deepspeed_config
 from moka_train.training.distributed import (
     DistributedContext,
@@ -73,13 +74,12 @@ from moka_train.training.engine import DeepSpeedEngine, Engine, TorchEngine
 from moka_train.training.guards import check_loss, report_nonfinite_gradients
 from moka_train.training.optimizer import build_adamw, decay_groups
 from moka_train.training.run_logger import RunLogger
-from moka_train.training.schedule import SCHEDULES, build_lr_scheduler
-from moka_train.training.stop_signals import StopSignals, ignore_stop_signals, iterate_loader, parse_stop_signals
+from moka_train.training.schedule import build_lr_scheduler
+from moka_train.training.stop_signals import StopSignals, ignore_stop_signals, iterate_loader
 from moka_train.training.validation import spread_evenly, validation_batches, validation_loss
 
 logger = logging.getLogger("moka_train.train")
 
-STAGES = ("pretrain", "instruct")
 # Settings a resumed run may change: where and how it logs, how it loads data, when it saves or stops, what it
 # validates on (validation changes no weight), fault injection. model.architecture only feeds
 # scripts/adapter_costs.py (the weights come from model.backbone). run_dir: a run started with run_dir=null
@@ -91,7 +91,6 @@ RESUMABLE_CHANGES = (
     "probe_media", "model.architecture", "validation", "on_nonfinite", "stage.gradient_checkpointing",
 )  # fmt: skip
 FAULT_EXIT_CODE = 17
-FAULT_SIGNAL_TARGETS = ("self", "group", "launcher")
 
 
 class RunStoppedError(Exception):
@@ -106,138 +105,6 @@ class RunStoppedError(Exception):
         )
         self.step, self.checkpoint = step, checkpoint
         self.exit_code = 128 + int(received if received is not None else signal.SIGTERM)
-
-
-# -- configuration checks ----------------------------------------------------------------------------
-def check_config(cfg: DictConfig) -> None:
-    """Values Hydra cannot check (it already refuses unknown keys), each error naming its key."""
-    stage = cfg.stage
-    if stage.name not in STAGES:
-        raise ValueError(f"stage.name must be one of {STAGES}, got {stage.name!r}")
-    if stage.name == "pretrain" and cfg.get("adapter") is not None:
-        raise ValueError(
-            "stage=pretrain trains the projectors only: drop adapter=... (adapters train in stage=instruct)"
-        )
-    if stage.name == "instruct" and cfg.get("adapter") is None:
-        raise ValueError("stage=instruct trains an adapter: choose one, e.g. adapter=moka or adapter=lora")
-    positive = {
-        "stage.epochs": stage.epochs,
-        "stage.global_batch_size": stage.global_batch_size,
-        "stage.micro_batch_size": stage.micro_batch_size,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last,
-    }
-    for key, value in positive.items():
-        if not _integer(value) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    if not _integer(cfg.seed):
-        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
-    switches = {
-        "stage.drop_last": stage.drop_last,
-        "stage.gradient_checkpointing": stage.gradient_checkpointing,
-        "stage.train_added_tokens": stage.train_added_tokens,
-        "features.fill": cfg.features.fill,
-        "blind": cfg.blind,
-        "probe_media": cfg.probe_media,
-    }
-    for key, value in switches.items():
-        if not isinstance(value, bool):  # a typo such as blind=flase is a non-empty string, which is truthy
-            raise ValueError(f"{key} must be true or false, got {value!r}")
-    if stage.max_steps is not None and (not _integer(stage.max_steps) or stage.max_steps < 1):
-        raise ValueError(f"stage.max_steps must be a positive integer or null, got {stage.max_steps!r}")
-    if not (_number(stage.lr) and stage.lr > 0):
-        raise ValueError(f"stage.lr must be a positive number, got {stage.lr!r}")
-    if stage.schedule not in SCHEDULES:
-        raise ValueError(f"stage.schedule must be one of {SCHEDULES}, got {stage.schedule!r}")
-    if not (_number(stage.warmup_ratio) and 0 <= stage.warmup_ratio < 1):
-        raise ValueError(f"stage.warmup_ratio must be in [0, 1), got {stage.warmup_ratio!r}")
-    if stage.precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"stage.precision must be fp32, bf16 or fp16, got {stage.precision!r}")
-    for key in ("weight_decay", "gradient_clipping"):
-        if not (_number(stage[key]) and stage[key] >= 0):
-            raise ValueError(f"stage.{key} must be a number >= 0, got {stage[key]!r}")
-    loader = cfg.loader
-    if not _integer(loader.num_workers) or loader.num_workers < 0:
-        raise ValueError(f"loader.num_workers must be an integer >= 0, got {loader.num_workers!r}")
-    if loader.max_length is not None and (not _integer(loader.max_length) or loader.max_length < 1):
-        raise ValueError(f"loader.max_length must be a positive integer or null, got {loader.max_length!r}")
-    if loader.on_overflow not in ON_OVERFLOW:
-        raise ValueError(f"loader.on_overflow must be one of {ON_OVERFLOW}, got {loader.on_overflow!r}")
-    if not _integer(cfg.checkpoint.every_steps) or cfg.checkpoint.every_steps < 0:
-        raise ValueError(f"checkpoint.every_steps must be an integer >= 0, got {cfg.checkpoint.every_steps!r}")
-    if cfg.on_nonfinite not in ("error", "skip"):
-        raise ValueError(f"on_nonfinite must be error or skip, got {cfg.on_nonfinite!r}")
-    if not isinstance(cfg.resume, str) or not cfg.resume:
-        raise ValueError(f"resume must be auto, none or a checkpoint path, got {cfg.resume!r}")
-    if cfg.resume == "auto" and cfg.run_dir is None:
-        raise ValueError("resume=auto resumes the run in run_dir: give run_dir=<the run's directory>")
-    check_validation_config(cfg)
-    parse_stop_signals(cfg.stop_signals)
-    if cfg.fault.signal_to not in FAULT_SIGNAL_TARGETS:
-        raise ValueError(f"fault.signal_to must be one of {FAULT_SIGNAL_TARGETS}, got {cfg.fault.signal_to!r}")
-    signal_faults = ("signal_after_step", "signal_during_validation_at_step", "signal_during_save_at_step")
-    launcher = any(cfg.fault[key] is not None for key in signal_faults) and cfg.fault.signal_to == "launcher"
-    if launcher and "TORCHELASTIC_RUN_ID" not in os.environ:
-        raise ValueError("fault.signal_to=launcher signals torchrun: launch the run with torchrun")
-
-
-def _integer(value: Any) -> bool:
-    """An int from the config; YAML's true / false are bools, which Python counts as ints."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value: Any) -> bool:
-    """An int or float from the config, not a bool; NaN is none."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
-
-
-def check_validation_config(cfg: DictConfig) -> None:
-    validation = cfg.validation
-    split = validation.split
-    if split is not None:
-        if not isinstance(split, str) or not split:
-            raise ValueError(f"validation.split must be a split name of data.builder or null, got {split!r}")
-        if "split" not in cfg.data.builder:
-            raise ValueError(f"validation.split: data.builder ({cfg.data.builder._target_}) takes no split argument")
-        if split == cfg.data.builder.split:
-            raise ValueError(f"validation.split={split} is the split the run trains on (data.builder.split)")
-    every = validation.every_steps
-    if not _integer(every) or every < 0:
-        raise ValueError(f"validation.every_steps must be an integer >= 0, got {every!r}")
-    for key in ("max_samples", "micro_batch_size"):
-        value = validation[key]
-        if value is not None and (not _integer(value) or value < 1):
-            raise ValueError(f"validation.{key} must be a positive integer or null, got {value!r}")
-    if not isinstance(validation.keep_best, bool):
-        raise ValueError(f"validation.keep_best must be true or false, got {validation.keep_best!r}")
-    patience = validation.patience
-    if patience is not None:
-        if not _integer(patience) or patience < 1:
-            raise ValueError(f"validation.patience must be a positive integer or null, got {patience!r}")
-        if split is None or every == 0 or not validation.keep_best:
-            raise ValueError(
-                "validation.patience stops after validations without a lower loss: it needs validation.split, "
-                f"validation.every_steps > 0 and validation.keep_best=true (got split={split}, every_steps={every}, "
-                f"keep_best={validation.keep_best})"
-            )
-
-
-def init_entries(init_from: Any) -> list[dict[str, Any]]:
-    """``stage.init_from`` as a list of ``{path, modalities, parts}``: a path string loads every projector
-    and the added tokens (and an adapter if the checkpoint has one)."""
-    if init_from is None:
-        return []
-    entries = [init_from] if isinstance(init_from, str) else list(init_from)
-    out = []
-    for i, entry in enumerate(entries):
-        entry = {"path": entry} if isinstance(entry, str) else dict(entry)
-        unknown = sorted(set(entry) - {"path", "modalities", "parts"})
-        if unknown or "path" not in entry:
-            raise ValueError(f"stage.init_from[{i}] takes path, modalities, parts; got {sorted(entry)}")
-        parts = entry.get("parts")
-        if parts is not None and not set(parts) <= set(PARTS):
-            raise ValueError(f"stage.init_from[{i}].parts must be among {PARTS}, got {list(parts)}")
-        out.append(entry)
-    return out
 
 
 # -- run directory and logging ------------------------------------------------------------------------

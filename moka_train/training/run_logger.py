@@ -167,6 +167,31 @@ class _TensorBoardBackend(_Backend):
         self.writer.close()
 
 
+def check_logger_config(cfg: Mapping[str, Any]) -> None:
+    """The Hydra ``logger`` group's values, each error naming its key; run before anything is built (the
+    training recipe's config checks) and again by ``RunLogger.from_config``. Unknown keys are refused by name so
+    that a typo (``projcet``) does not silently log to the default project; a backend's missing package is
+    found on every rank alike."""
+    unknown = sorted(set(cfg) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"unknown logger keys {unknown}; the logger group accepts {list(CONFIG_KEYS)}")
+    backend = cfg.get("backend", "none")
+    for b in [backend] if isinstance(backend, str) else list(backend):
+        if b not in BACKENDS:
+            raise ValueError(f"logger.backend must be one of {BACKENDS} (or a list of them), got {b!r}")
+        if b != "none" and find_spec(_BACKEND_PACKAGES[b]) is None:
+            raise ImportError(
+                f"logger.backend={b} needs the {_BACKEND_PACKAGES[b]!r} package: pip install {_BACKEND_PACKAGES[b]}"
+            )
+    if cfg.get("mode", "offline") not in WANDB_MODES:
+        raise ValueError(f"logger.mode must be one of {WANDB_MODES}, got {cfg.get('mode')!r}")
+    if not isinstance(cfg.get("bar", True), bool):  # bar=flase is a non-empty string, which is truthy
+        raise ValueError(f"logger.bar must be true or false, got {cfg.get('bar')!r}")
+    window = cfg.get("smoothing_window", 20)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"logger.smoothing_window must be a positive integer, got {window!r}")
+
+
 class RunLogger:
     """Progress bar, metrics.jsonl, backend(s) and loss curve of one training run; a no-op on ranks other
     than 0, which may call every method all the same (no ``if rank == 0`` in the training loop).
@@ -271,9 +296,7 @@ class RunLogger:
     ) -> RunLogger:
         """From the Hydra ``logger`` group (configs/logger/*.yaml); unknown keys are refused by name so that a
         typo (``projcet``) does not silently log to the default project."""
-        unknown = sorted(set(cfg) - set(CONFIG_KEYS))
-        if unknown:
-            raise ValueError(f"unknown logger keys {unknown}; the logger group accepts {list(CONFIG_KEYS)}")
+        check_logger_config(cfg)
         backend = cfg.get("backend", "none")
         if not isinstance(backend, str):
             backend = list(backend)
@@ -287,8 +310,8 @@ class RunLogger:
             name=cfg.get("name"),
             wandb_mode=cfg.get("mode", "offline"),
             initial_step=initial_step,
-            bar=bool(cfg.get("bar", True)),
-            smoothing_window=int(cfg.get("smoothing_window", 20)),
+            bar=cfg.get("bar", True),
+            smoothing_window=cfg.get("smoothing_window", 20),
         )
 
     @property
