@@ -343,6 +343,24 @@ def test_tensorboard_event_files_read_back_and_resume_purges(tmp_path):
     assert "config/text_summary" in events.Tags()["tensors"]
 
 
+def test_tensorboard_restart_before_any_checkpoint_purges_the_dead_attempt(tmp_path):
+    """A crash before the first checkpoint: resume=auto starts at step 0 again, and TensorBoard shows the new
+    attempt's steps only (it used to overlay both attempts' values at steps 1 and 2)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    first = RunLogger(run, 4, backend="tensorboard", bar=False)
+    logged(first, range(1, 3))
+    first.close(failed=True)
+    with RunLogger(run, 4, backend="tensorboard", bar=False) as second:
+        logged(second, range(1, 5), part=1)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in loss] == [1, 2, 3, 4]
+    assert [v for _, v in loss] == pytest.approx([step_metrics(s, part=1)["loss"] for s in range(1, 5)])
+
+
 @pytest.mark.parametrize("backend", ["none", "wandb", ["wandb", "tensorboard"]])
 def test_ranks_other_than_0_write_nothing(tmp_path, monkeypatch, backend):
     if "tensorboard" in backend and not HAVE_TENSORBOARD:

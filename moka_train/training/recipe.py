@@ -521,9 +521,11 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
     logger.info("data: %s; %d optimizer steps", plan.describe(), total_steps)
     engine = build_engine(cfg, model, plan, total_steps, ctx)
     # From here on the random numbers are dropout's (the data order has its own seeded generators): each rank its
-    # own stream, or every rank would drop the same positions of its Q-Former queries and adapter inputs. One
-    # process keeps the seed itself. A resumed run restores each rank's saved state below.
-    torch.manual_seed(cfg.seed + ctx.rank)
+    # own stream, or every rank would drop the same positions of its Q-Former queries and adapter inputs. Rank 0
+    # goes on with the stream that built the model, as one process does. A resumed run restores each rank's
+    # saved state below.
+    if ctx.rank > 0:
+        torch.manual_seed(cfg.seed + ctx.rank)
 
     trained_on = data_identity(record.id for record in dataset.records)
     start_step, resumed = 0, {}
@@ -664,20 +666,19 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
             patience,
         )
 
-    if pending is not None and last_step > start_step:
-        logger.info("step %d: its validation, skipped by the stop signal, runs now", start_step)
-        metrics = dict(pending)
-        early = validate(start_step, metrics)
-        run_log.log(start_step, metrics)
-        if early:
-            save(start_step)
-            log_early_stop(start_step)
-            last_step = start_step
-
     batches = iterate_loader(loader(dataset, sampler))
     failed, dropped_in_run, stopped = True, 0, None
     try:
         with stop, logging_redirect_tqdm(loggers=[logging.getLogger()]):  # log lines above the bar
+            if pending is not None and last_step > start_step:
+                logger.info("step %d: its validation, skipped by the stop signal, runs now", start_step)
+                metrics = dict(pending)
+                early = validate(start_step, metrics)
+                run_log.log(start_step, metrics)
+                if early:
+                    save(start_step)
+                    log_early_stop(start_step)
+                    last_step = start_step
             for step in range(start_step + 1, last_step + 1):
                 started, lr = time.monotonic(), engine.lr()  # the rate this step uses
                 micro_batches = [

@@ -150,8 +150,9 @@ class _TensorBoardBackend(_Backend):
     def __init__(self, run_dir: Path, config: dict[str, Any], initial_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: a resumed run hides what the crashed part logged after the checkpoint it resumes from.
-        purge_step = initial_step + 1 if initial_step > 0 else None
+        # purge_step: a resumed run hides what the crashed part logged after the checkpoint it resumes from (all
+        # of it when the crash came before the first checkpoint, and the run starts at step 0 again).
+        purge_step = initial_step + 1
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
         if config:
             # Four-space indent: TensorBoard renders the text as Markdown, and this keeps it a code block.
