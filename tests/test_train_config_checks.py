@@ -347,3 +347,13 @@ def test_a_stage1_run_refuses_to_take_an_adapter_from_its_init(tmp_path):
         cfg = compose("train", overrides=["stage=pretrain", "model=tiny_llama", "projector.num_queries=2", asked])
     with pytest.raises(ValueError, match=r"stage.init_from\[0\].parts: this run trains no adapter"):
         build_model_and_collator(cfg, widths)
+
+
+def test_a_validation_split_the_builder_does_not_have_is_named_as_validation_split(tmp_path: Path):
+    from moka_train.training.recipe import build_records
+    from tests.test_demo_data import demo
+
+    demo.generate(tmp_path, num_videos=3, val_videos=1, test_videos=1, progress=False)
+    cfg = composed(f"data.builder.root={tmp_path}", "validation.split=vall")
+    with pytest.raises(ValueError, match="^validation.split=vall: MUSIC-AVQA split must be train, val or test"):
+        build_records(cfg, cfg.validation.split)

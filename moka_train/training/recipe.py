@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
@@ -172,7 +173,13 @@ class Datasets:
 def build_records(cfg: DictConfig, split: str | None = None) -> list[Record]:
     """``data.builder``'s records, of another ``split`` when given (the validation set's)."""
     builder = cfg.data.builder
-    records: list[Record] = list(instantiate(builder) if split is None else instantiate(builder, split=split))
+    if split is None:
+        records: list[Record] = list(instantiate(builder))
+    else:
+        try:
+            records = list(instantiate(builder, split=split))
+        except InstantiationException as error:  # named after data.builder, whose own split is fine
+            raise ValueError(f"validation.split={split}: {error.__cause__ or error}") from error
     if not records:
         where = "data.builder" if split is None else f"data.builder with validation.split={split}"
         raise ValueError(f"{where} ({builder._target_}) gave no records")
