@@ -150,6 +150,13 @@ def test_deepspeed_bf16_never_applies_nan_gradients_unseen():
     assert "DeepSpeed applied non-finite gradients" in unchecked["error"] and not unchecked["unchanged"]
 
 
+def test_deepspeed_bf16_sums_micro_steps_in_fp32():
+    """As resolved, ZeRO-2 in bf16 sums the micro-steps' gradients in fp32 (263 from 256 + 7 x 1), as the plain
+    engine does; DeepSpeed's default, the weights' bf16, loses every 1 (256)."""
+    assert deepspeed_engine("accumulation", "fp32") == {"grad_accum_dtype": "fp32", "norm": 263.0}
+    assert deepspeed_engine("accumulation", "bf16") == {"grad_accum_dtype": "bf16", "norm": 256.0}
+
+
 def test_fp32_stage_on_a_bf16_backbone_is_told():
     """stage.precision=fp32 (the official stage 1) keeps the trainables in fp32, but a frozen backbone loaded in
     bf16 (every 7B preset's model.backbone.dtype) still computes in bf16: the run says so."""

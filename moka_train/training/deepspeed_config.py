@@ -111,4 +111,9 @@ def resolve_deepspeed_config(
         resolved[name] = block
     if precision == "bf16" and knows_bf16_overflow_check():  # said, whatever this version's default
         resolved["bf16"]["check_grad_overflow"] = True
+    if precision == "bf16":
+        # Micro-steps' gradients summed in fp32, as the plain engine's autocast over fp32 weights does: DeepSpeed
+        # would sum them in the bf16 of its weights (8 bits of mantissa, over 8 micro-steps on one GPU). A file's
+        # own data_types.grad_accum_dtype is kept.
+        resolved["data_types"] = {"grad_accum_dtype": "fp32", **(resolved.get("data_types") or {})}
     return resolved

@@ -5,7 +5,9 @@ each check prints its findings as one JSON line.
   each step and the engine's clipping;
 - ``nonfinite <case>``: our DeepSpeedEngine (ZeRO-2, bf16) given a NaN gradient behind a finite loss, with the
   config as ``resolve_deepspeed_config`` writes it (``resolved``) or with ``bf16.check_grad_overflow`` false
-  (``unchecked``, DeepSpeed's default before its PR #8035).
+  (``unchecked``, DeepSpeed's default before its PR #8035);
+- ``accumulation <case>``: the gradient our DeepSpeedEngine (ZeRO-2, bf16) sums over 8 micro-steps, with the
+  config as resolved (``fp32``) or with ``data_types.grad_accum_dtype`` bf16 (``bf16``, DeepSpeed's default).
 
     DS_ACCELERATOR=cpu torchrun --standalone --nproc_per_node 1 tests/distributed/deepspeed_engine.py schedule zero2
 """
@@ -75,7 +77,28 @@ def nonfinite(case: str) -> dict[str, Any]:
     return report
 
 
-CHECKS = {"schedule": schedule, "nonfinite": nonfinite}
+def accumulation(case: str) -> dict[str, Any]:
+    """Eight micro-steps of ZeRO-2 in bf16 whose gradients are 256, then 1 seven times: summed in fp32 they make
+    263; in bf16 (8 bits of mantissa: 256 + 1 rounds back to 256) they stay 256."""
+    from moka_train.training.engine import DeepSpeedEngine
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = build_lr_scheduler(optimizer, "constant", total_steps=10, warmup_ratio=0.0)
+    settings = dict(micro_batch_size=1, gradient_accumulation_steps=8, world_size=1, gradient_clipping=0.0)
+    config = resolve_deepspeed_config(load_deepspeed_config("zero2"), precision="bf16", **settings)
+    if case == "bf16":
+        config["data_types"]["grad_accum_dtype"] = "bf16"
+    engine = DeepSpeedEngine(model, optimizer, scheduler, config, world_size=1)
+    for c in (256.0, *[1.0] * 7):
+        x = torch.full((1, 1), c, dtype=torch.bfloat16)
+        engine.backward(engine.engine(x).float().sum())  # d loss / d w = c
+    engine.step()
+    norm = float(engine.engine.get_global_grad_norm())
+    return {"grad_accum_dtype": config["data_types"]["grad_accum_dtype"], "norm": norm}
+
+
+CHECKS = {"schedule": schedule, "nonfinite": nonfinite, "accumulation": accumulation}
 
 
 def main(check: str, argument: str) -> None:
