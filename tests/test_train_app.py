@@ -348,6 +348,7 @@ def test_deepspeed_resume_matches_uninterrupted(demo_root: Path, tmp_path: Path)
     output = train(stopped, demo_root, "deepspeed=zero2", "fault.signal_after_step=1", nproc=2, expect=1)
     assert "[rank 1] WARNING moka_train.training.stop_signals: SIGTERM received" in output
     assert "stopped after step 1 (a stop signal on another rank)" in output  # rank 0's log
+    assert output.count("stopped after step 1") == 1  # a run-wide warning, said by rank 0 alone
     (checkpoint,) = (stopped / "checkpoints").iterdir()
     assert checkpoint.name == "step-00000001"
     assert len(list(checkpoint.glob("state/**/*optim_states.pt"))) == 2  # both ranks' optimizer shards

@@ -142,8 +142,9 @@ def deepspeed_bf16(tmp_path_factory: pytest.TempPathFactory, demo_root: Path) ->
 
 # Measured on this stack (torch 2.15.0, DeepSpeed 0.19.8, CPU; the same in repeated runs): the per-step losses
 # of the two runs differ by 1.7e-5, 1.7e-4, 1.8e-5 and 7.7e-5 relative (steps 1-4; 4.1e-5 and 9.4e-5 at steps
-# 3-4 when DeepSpeed summed micro-steps in bf16), the largest at step 2, the first on updated weights. They differ because DeepSpeed casts the whole module to bf16 (norms, biases, projectors and
-# adapter too: bf16 weights and gradients, fp32 master weights in the optimizer), while one process runs autocast
+# 3-4 when DeepSpeed summed micro-steps in bf16), the largest at step 2, the first on updated weights. They
+# differ because DeepSpeed casts the whole module to bf16 (norms, biases, projectors and adapter too: bf16
+# weights and gradients, fp32 master weights in the optimizer), while one process runs autocast
 # over fp32 weights, where only the matmuls are bf16; each step's loss averages ~1200 tokens, so the per-token
 # bf16 rounding (unit roundoff 2^-9 = 2e-3) mostly cancels. 5e-4 is 3x the largest gap measured; the loss moves
 # by 0.5-1.3% per step here, so a step taken on the wrong weights or batch lands far outside it.

@@ -514,7 +514,7 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
         ", ".join(f"{name} {trainable:,} of {total:,}" for name, (trainable, total) in report.items() if total),
     )
     note = frozen_precision_note(model.llm, cfg.stage.precision)
-    if note:
+    if note and ctx.is_main:  # the same on every rank, as are the run-wide warnings below: said once
         logger.warning(note)
     plan = BatchPlan(
         len(dataset),
@@ -540,7 +540,7 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
         resumed = read_meta(checkpoint)
         check_resumed_data(checkpoint, resumed, trained_on)
         saved_ranks = resumed.get("world_size", ctx.world_size)
-        if saved_ranks != ctx.world_size:
+        if saved_ranks != ctx.world_size and ctx.is_main:
             logger.warning(
                 "%s was saved by %d rank(s), resumed on %d: the data order is the same, but dropout's random "
                 "streams are not, so the run does not continue bit for bit",
@@ -703,7 +703,7 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
                 # A step with no answer token on any rank (every sample over loader.max_length) has nothing to learn:
                 # AdamW would still move the weights on its momentum alone, so the step is skipped.
                 skip = global_labels == 0
-                if skip:
+                if skip and ctx.is_main:
                     logger.warning("step %d has no answer token on any rank: the weights are left as they are", step)
                 loss_sum, tokens = torch.zeros((), dtype=torch.float64), 0
                 for i, batch in enumerate(micro_batches):
@@ -776,7 +776,7 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
     finally:
         del batches  # its workers exit now
         run_log.close(failed=failed)
-        if dropped_in_run:
+        if dropped_in_run and ctx.is_main:  # a global count
             logger.warning(
                 "%d time(s) a sample was left out of its batch for exceeding max_length %s (loader.max_length, null: "
                 "the backbone's context; loader.on_overflow=drop; a sample over it is left out again every epoch; per "
@@ -786,7 +786,8 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
                 run_dir / f"{DROPPED_SAMPLES_PREFIX}*.tsv",
             )
     if stopped is not None:
-        logger.warning("%s", stopped)
+        if ctx.is_main:
+            logger.warning("%s", stopped)
         # Leave together: torchrun ends the other workers as soon as one exits non-zero.
         ctx.barrier()
         raise stopped
