@@ -119,11 +119,14 @@ def test_settings_that_hide_nonfinite_gradients_are_refused(change, key):
     assert resolve_deepspeed_config({**load_deepspeed_config("zero2"), **fine}, **settings)["bf16"]["enabled"]
 
 
-def deepspeed_engine(check: str, argument: str) -> dict:
-    """What tests/distributed/deepspeed_engine.py's ``check`` found, run under torchrun (one process, CPU)."""
+@pytest.fixture(scope="module")
+def deepspeed_engine() -> dict[str, dict]:
+    """What tests/distributed/deepspeed_engine.py's checks found, all in one run under torchrun (one process,
+    CPU), keyed by ``check:argument``."""
+    requests = ["schedule:zero2", "nonfinite:resolved", "nonfinite:unchecked", "accumulation:fp32", "accumulation:bf16"]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-        str(ROOT / "tests" / "distributed" / "deepspeed_engine.py"), check, argument,
+        str(ROOT / "tests" / "distributed" / "deepspeed_engine.py"), *requests,
     ]  # fmt: skip
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
@@ -131,30 +134,30 @@ def deepspeed_engine(check: str, argument: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_engine_runs_our_schedule_and_clipping():
+def test_engine_runs_our_schedule_and_clipping(deepspeed_engine: dict[str, dict]):
     """A real DeepSpeed engine keeps the scheduler we hand it and the clipping we resolved."""
-    report = deepspeed_engine("schedule", "zero2")
+    report = deepspeed_engine["schedule:zero2"]
     assert report["ours"] and report["clipping"] == 0.5
     # Steps 1..6 of a 10-step cosine schedule with 2 warmup steps, peak 1e-3 (the lr after each step).
     assert report["lrs"] == pytest.approx([expected("cosine", s, 10, 2) for s in range(1, 7)], abs=1e-12)
 
 
-def test_deepspeed_bf16_never_applies_nan_gradients_unseen():
+def test_deepspeed_bf16_never_applies_nan_gradients_unseen(deepspeed_engine: dict[str, dict]):
     """ZeRO-2 in bf16, a NaN in the bias's gradient behind a finite loss. As resolved, DeepSpeed's overflow check
     is on: the step is not applied and is reported. With the check off (DeepSpeed's default before its PR #8035,
     which an older install would have) DeepSpeed applies the NaN: our engine must stop the run rather than go on."""
-    resolved = deepspeed_engine("nonfinite", "resolved")
+    resolved = deepspeed_engine["nonfinite:resolved"]
     assert resolved == {**resolved, "check_grad_overflow": True, "applied": False, "nonfinite": True, "unchanged": True}
     assert math.isfinite(resolved["loss"])
-    unchecked = deepspeed_engine("nonfinite", "unchecked")
+    unchecked = deepspeed_engine["nonfinite:unchecked"]
     assert "DeepSpeed applied non-finite gradients" in unchecked["error"] and not unchecked["unchanged"]
 
 
-def test_deepspeed_bf16_sums_micro_steps_in_fp32():
+def test_deepspeed_bf16_sums_micro_steps_in_fp32(deepspeed_engine: dict[str, dict]):
     """As resolved, ZeRO-2 in bf16 sums the micro-steps' gradients in fp32 (263 from 256 + 7 x 1), as the plain
     engine does; DeepSpeed's default, the weights' bf16, loses every 1 (256)."""
-    assert deepspeed_engine("accumulation", "fp32") == {"grad_accum_dtype": "fp32", "norm": 263.0}
-    assert deepspeed_engine("accumulation", "bf16") == {"grad_accum_dtype": "bf16", "norm": 256.0}
+    assert deepspeed_engine["accumulation:fp32"] == {"grad_accum_dtype": "fp32", "norm": 263.0}
+    assert deepspeed_engine["accumulation:bf16"] == {"grad_accum_dtype": "bf16", "norm": 256.0}
 
 
 def test_fp32_stage_on_a_bf16_backbone_is_told():

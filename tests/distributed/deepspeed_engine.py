@@ -9,7 +9,8 @@ each check prints its findings as one JSON line.
 - ``accumulation <case>``: the gradient our DeepSpeedEngine (ZeRO-2, bf16) sums over 8 micro-steps, with the
   config as resolved (``fp32``) or with ``data_types.grad_accum_dtype`` bf16 (``bf16``, DeepSpeed's default).
 
-    DS_ACCELERATOR=cpu torchrun --standalone --nproc_per_node 1 tests/distributed/deepspeed_engine.py schedule zero2
+    DS_ACCELERATOR=cpu torchrun --standalone --nproc_per_node 1 tests/distributed/deepspeed_engine.py \
+        schedule:zero2 nonfinite:resolved ...   (one JSON object, keyed by request)
 """
 
 from __future__ import annotations
@@ -101,16 +102,20 @@ def accumulation(case: str) -> dict[str, Any]:
 CHECKS = {"schedule": schedule, "nonfinite": nonfinite, "accumulation": accumulation}
 
 
-def main(check: str, argument: str) -> None:
+def main(requests: list[str]) -> None:
     import deepspeed
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # no JIT build (stack_cpu.md)
     deepspeed.init_distributed(dist_backend="gloo")
-    torch.manual_seed(0)
-    print(json.dumps(CHECKS[check](argument)))
+    reports = {}
+    for request in requests:  # one launch for all (each launch costs seconds of imports)
+        check, argument = request.split(":")
+        torch.manual_seed(0)
+        reports[request] = CHECKS[check](argument)
+    print(json.dumps(reports))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1:])
