@@ -98,6 +98,16 @@ def test_conflicts_and_refused_blocks_name_the_key(tmp_path):
         load_deepspeed_config(tmp_path / "bad.json")
 
 
+def test_a_preset_without_the_source_checkout_says_so(tmp_path, monkeypatch):
+    """After a non-editable install the package's configs/deepspeed is not there: the error says where presets
+    come from rather than listing no presets."""
+    from moka_train.training import deepspeed_config
+
+    monkeypatch.setattr(deepspeed_config, "CONFIG_DIR", tmp_path / "site-packages" / "configs" / "deepspeed")
+    with pytest.raises(FileNotFoundError, match=r"read from a source checkout .*deepspeed.json=<path"):
+        deepspeed_config.load_deepspeed_config("zero2")
+
+
 @pytest.mark.parametrize(
     "change, key",
     [

@@ -53,6 +53,11 @@ def load_deepspeed_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
     elif not path.is_absolute() and not path.is_file():
         path = CONFIG_DIR / path  # `json: zero2.json` in the Hydra group configs/deepspeed/*.yaml
     if not path.is_file():
+        if not CONFIG_DIR.is_dir():  # a non-editable install: the presets live in the source checkout
+            raise FileNotFoundError(
+                f"DeepSpeed config {path} does not exist: the presets are read from a source checkout of moka-train "
+                "(pip install -e .), or give deepspeed.json=<path to a JSON file>"
+            )
         presets = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
         raise FileNotFoundError(f"DeepSpeed config {path} does not exist (presets: {presets})")
     try:
