@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def source_commit() -> str:
+    """The checkout's commit (with ``-dirty`` when it has uncommitted changes), or ``unknown`` outside git: a
+    figure copied into the README names the code it measured."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU model, torch version, threads, Python, and the GPU when timing on one."""
     cpu = platform.processor() or "unknown"
@@ -53,6 +74,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
+        "commit": source_commit(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

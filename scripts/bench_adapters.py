@@ -19,7 +19,12 @@ checks that ``OfficialLoopMoka`` and our ``moka`` (official settings) give the s
 so the loop baseline provably computes the same thing.
 
 Every input requires grad, as a layer inside a network does (its input gradient flows to the layers
-below), so ``base`` measures forward plus the input gradient through W0.
+below), so ``base`` measures forward plus the input gradient through W0. ``--dtype bf16`` runs under autocast,
+as training does (the adapters keep fp32 weights).
+
+Time: every method is built and warmed up first; then each round times one step of every method, in an order
+rotated each round. A method's time is its median over the rounds, and its ratios to ``base`` and ``peft_lora``
+are medians of the per-round ratios, so the machine's drift between rounds cancels.
 
 Memory: on the CPU, the bytes of the tensors the forward saves for backward (each storage counted once,
 the model's parameters and buffers excluded), seen through ``torch.autograd.graph.saved_tensors_hooks``;
@@ -30,6 +35,7 @@ allocated before it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -132,9 +138,9 @@ def make_settings(args: argparse.Namespace) -> Settings:
             if cuda
             else StackSize(hidden=1024, intermediate=2816, heads=16, layers=4)
         )
-        # Few repeats on the CPU, where one step takes about 1 s (linear) or 4 s (stack) on 2 cores and the
-        # default run must finish in a few minutes (about 4 on an idle 2-core machine).
-        warmup, linear_repeats, stack_repeats = (3, 20, 10) if cuda else (1, 5, 3)
+        # Few rounds on the CPU, where one step takes about 1 s (linear) or 3 s (stack) on 2 cores and the
+        # default run must finish in minutes (about 6 on an idle 2-core machine).
+        warmup, linear_repeats, stack_repeats = (3, 20, 10) if cuda else (1, 7, 5)
     if args.repeats is not None:
         linear_repeats = stack_repeats = args.repeats
     return Settings(device, DTYPES[args.dtype], layout, linear_width, stack, warmup, linear_repeats, stack_repeats)
@@ -363,59 +369,76 @@ class CaseResult:
     rows: list[Row] = field(default_factory=list)
 
 
-def _run_once(work: Workload, grad_out: Tensor, trainable: list[nn.Parameter]) -> None:
+def _autocast(settings: Settings) -> contextlib.AbstractContextManager:
+    """bf16 runs under autocast, as training does (engine.py): the adapters' fp32 weights then take bf16
+    inputs as they are, where without it every adapted layer would copy its input up to fp32."""
+    if settings.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(settings.device.type, dtype=settings.dtype)
+
+
+def _run_once(work: Workload, grad_out: Tensor, trainable: list[nn.Parameter], settings: Settings) -> None:
     # As an optimizer's zero_grad(set_to_none=True): no gradient accumulation into old buffers.
     for tensor in (*trainable, *work.inputs):
         tensor.grad = None
-    work.step().backward(grad_out)
+    with _autocast(settings):
+        out = work.step()
+    out.backward(grad_out)
 
 
-def measure(name: str, work: Workload, grad_out: Tensor, settings: Settings, repeats: int) -> Row:
-    device = settings.device
+def warm_up(work: Workload, grad_out: Tensor, settings: Settings) -> int:
+    """``settings.warmup`` untimed steps; the first counts the bytes saved for backward, which it returns."""
     trainable = [p for p in work.model.parameters() if p.requires_grad]
-
-    # The first warm-up step also counts the saved tensors: the hooks slow it down, but it is not timed,
-    # and on a slow CPU one step less per method matters.
     exclude = {t.untyped_storage().data_ptr() for t in (*work.model.parameters(), *work.model.buffers())}
     meter = SavedTensorMeter(exclude)
     for tensor in (*trainable, *work.inputs):
         tensor.grad = None
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda tensor: tensor), _autocast(settings):
         out = work.step()
     out.backward(grad_out)
     del out
     for _ in range(settings.warmup - 1):
-        _run_once(work, grad_out, trainable)
+        _run_once(work, grad_out, trainable, settings)
+    return meter.total
 
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        _run_once(work, grad_out, trainable)
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
 
-    peak = None
-    if device.type == "cuda":
-        # Gradients of the last step stay allocated, as they would between steps; drop them first so that
-        # the delta holds this step's activations, temporaries and new gradients.
-        for tensor in (*trainable, *work.inputs):
-            tensor.grad = None
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        _run_once(work, grad_out, trainable)
-        synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-    return Row(name, statistics.median(times), times, meter.total, peak, sum(p.numel() for p in trainable))
+def timed_step(work: Workload, grad_out: Tensor, settings: Settings) -> float:
+    trainable = [p for p in work.model.parameters() if p.requires_grad]
+    synchronize(settings.device)
+    start = time.perf_counter()
+    _run_once(work, grad_out, trainable, settings)
+    synchronize(settings.device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def peak_step_bytes(work: Workload, grad_out: Tensor, settings: Settings) -> int:
+    """On a GPU: the peak allocated over one forward+backward, less what was allocated before it."""
+    device = settings.device
+    trainable = [p for p in work.model.parameters() if p.requires_grad]
+    # Gradients of the last step stay allocated, as they would between steps; drop them first so that
+    # the delta holds this step's activations, temporaries and new gradients.
+    for tensor in (*trainable, *work.inputs):
+        tensor.grad = None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    _run_once(work, grad_out, trainable, settings)
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """The median over rounds of time / the reference's time in the same round: drift of the machine between
+    rounds (which moves whole runs here) cancels, as it does not between separately timed blocks."""
+    return statistics.median(t / r for t, r in zip(times, reference, strict=True))
 
 
 def add_ratios(rows: list[Row], gpu: bool) -> None:
     by_name = {row.method: row for row in rows}
     base, peft = by_name["base"], by_name["peft_lora"]
     for row in rows:
-        row.ratio_base = row.time_ms / base.time_ms
-        row.ratio_peft = row.time_ms / peft.time_ms
+        row.ratio_base = paired_ratio(row.times_ms, base.times_ms)
+        row.ratio_peft = paired_ratio(row.times_ms, peft.times_ms)
         mine, theirs = (row.peak_bytes, peft.peak_bytes) if gpu else (row.saved_bytes, peft.saved_bytes)
         row.memory_ratio_peft = mine / theirs if theirs else math.nan
 
@@ -523,18 +546,32 @@ def stack_workloads(settings: Settings) -> tuple[str, Callable[[str], Workload],
 
 
 def run_case(case: str, settings: Settings, log: Callable[[str], None]) -> CaseResult:
+    """Every method built on the case and warmed up, then ``repeats`` rounds that time one step of each, the
+    order rotated each round (bench_train does the same): time is each method's median, and the ratios are
+    medians of the per-round ratios."""
     workloads = {"linear": linear_workloads, "stack": stack_workloads}[case]
     repeats = settings.linear_repeats if case == "linear" else settings.stack_repeats
     description, build, grad_out = workloads(settings)
+    works, saved = {}, {}
+    for method in METHODS:
+        works[method] = build(method)
+        saved[method] = warm_up(works[method], grad_out, settings)
+    times: dict[str, list[float]] = {method: [] for method in METHODS}
+    for round_ in range(repeats):
+        shift = round_ % len(METHODS)
+        for method in METHODS[shift:] + METHODS[:shift]:
+            times[method].append(timed_step(works[method], grad_out, settings))
+        log(f"  {case:6s} round {round_ + 1}/{repeats}: peft_lora {times['peft_lora'][-1]:.1f} ms")
     result = CaseResult(case, description)
     for method in METHODS:
-        started = time.perf_counter()
-        work = build(method)
-        row = measure(method, work, grad_out, settings, repeats)
-        del work  # free this copy of the weights before the next method builds its own
-        result.rows.append(row)
-        log(f"  {case:6s} {method:20s} {row.time_ms:10.1f} ms  ({time.perf_counter() - started:.1f} s)")
+        work = works.pop(method)
+        peak = peak_step_bytes(work, grad_out, settings) if settings.device.type == "cuda" else None
+        trainable = sum(p.numel() for p in work.model.parameters() if p.requires_grad)
+        result.rows.append(Row(method, statistics.median(times[method]), times[method], saved[method], peak, trainable))
+        del work  # free this copy of the weights
     add_ratios(result.rows, gpu=settings.device.type == "cuda")
+    for row in result.rows:
+        log(f"  {case:6s} {row.method:20s} {row.time_ms:10.1f} ms  {row.ratio_peft:.3f}x peft_lora")
     return result
 
 
@@ -631,12 +668,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"machine: {machine['cpu']}"
         + (f", GPU {machine['gpu']}" if gpu else "")
         + f"; torch {machine['torch']}; {machine['threads']} threads; device {settings.device}, {args.dtype}"
+        + f"; commit {machine['commit']}"
     )
     print(f"memory: {report['memory_measure']}")
     print(
-        f"time: median of {settings.linear_repeats} (linear) / {settings.stack_repeats} (stack) forward+backward "
-        f"steps after {settings.warmup} warm-up; r = {RANK}, alpha = {ALPHA:g}, dropout {DROPOUT} "
-        "(our methods at library defaults)"
+        f"time: median of {settings.linear_repeats} (linear) / {settings.stack_repeats} (stack) rounds of one "
+        f"forward+backward step per method (order rotated each round; ratios are medians of per-round ratios) "
+        f"after {settings.warmup} warm-up; r = {RANK}, alpha = {ALPHA:g}, dropout {DROPOUT} "
+        "(our methods at library defaults)" + ("; bf16 under autocast" if settings.dtype != torch.float32 else "")
     )
     for result in results:
         print(f"\n### {result.case}: {result.description}\n")

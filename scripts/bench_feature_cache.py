@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -34,6 +33,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moka_train.adapters import AdapterConfig
+from moka_train.benchmarking import machine_info, synchronize
 from moka_train.data.caching import fill_feature_caches, open_caches
 from moka_train.data.collate import MultimodalCollator, batch_to_device
 from moka_train.data.dataset import MultimodalDataset
@@ -132,23 +132,18 @@ def build_model(args: argparse.Namespace, device: torch.device):
     return model, tokenizer, {"visual": clip_cfg, "audio": beats_cfg}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_steps(model, optimizer, dataset, collator, batches: list[list[int]], device, warmup: int) -> list[float]:
     """Seconds per step: reading the samples, collating, forward, backward, optimizer step."""
     times = []
     for step, indices in enumerate(batches):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         batch = batch_to_device(collator([dataset[i] for i in indices]), device)
         loss = model(batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync(device)
+        synchronize(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
     return times
@@ -203,12 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         on_the_fly = time_steps(model, optimizer, raw, raw_collate, batches, device, warmup=1)
         from_cache = time_steps(model, optimizer, cached, cached_collate, batches, device, warmup=1)
     report = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": str(device),
-        },
+        "machine": {**machine_info(device), "device": str(device)},
         "encoders": "tiny" if args.quick else "CLIP ViT-L/14 224 px + BEATs-base (random weights)",
         "llm": args.llm,
         "batch": args.batch,
@@ -221,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(
         f"{report['encoders']}, LLM {args.llm}, batch {args.batch} ({report['per_sample']}), {device}, "
-        f"{report['machine']['threads']} threads\n"
+        f"{report['machine']['threads']} threads, commit {report['machine']['commit']}\n"
         f"| path | s / step |\n| --- | ---: |\n| on the fly | {report['on_the_fly_s']:.2f} |\n"
         f"| cached features | {report['cached_s']:.2f} |\n"
         f"speed-up {report['speedup']:.1f}x; filling the cache took "

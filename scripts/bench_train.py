@@ -671,6 +671,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"machine: {machine['cpu']}"
         + (f", GPU {machine['gpu']}" if "gpu" in machine else "")
         + f"; torch {machine['torch']}; {machine['threads']} threads; device {settings.device}"
+        + f"; commit {machine['commit']}"
     )
     print(f"memory: {report['memory_measure']}")
     print(

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import loaded_script
 
@@ -70,3 +72,27 @@ def test_equivalence_check_catches_a_different_computation(bench, monkeypatch):
     monkeypatch.setattr(bench.OfficialLoopMoka, "__init__", half_lambda)
     with pytest.raises(AssertionError, match="differ"):
         bench.check_official_loop_matches_moka("cpu")
+
+
+def test_ratios_are_medians_of_the_rounds_ratios(quick_run):
+    """The methods take turns within each round: a ratio is the median of the per-round ratios, not a ratio of
+    medians timed in separate blocks (between which this machine drifts)."""
+    report, _, _ = quick_run
+    repeats = report["settings"]["linear_repeats"]
+    for case in ("linear", "stack"):
+        rows = {row["method"]: row for row in report["cases"][case]["rows"]}
+        for row in rows.values():
+            assert len(row["times_ms"]) == repeats
+            for reference, key in (("peft_lora", "ratio_peft"), ("base", "ratio_base")):
+                per_round = [t / r for t, r in zip(row["times_ms"], rows[reference]["times_ms"], strict=True)]
+                assert row[key] == pytest.approx(statistics.median(per_round))
+
+
+def test_bf16_runs_under_autocast(bench, capsys):
+    """As training does: the fp32 adapters take the bf16 activations without a copy up to fp32."""
+    report = bench.main(["--quick", "--dtype", "bf16", "--case", "linear"])
+    assert "bf16 under autocast" in capsys.readouterr().out
+    assert all(math.isfinite(row["time_ms"]) for row in report["cases"]["linear"]["rows"])
+    settings = bench.make_settings(bench.parse_args(["--quick", "--dtype", "bf16"]))
+    with bench._autocast(settings):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
