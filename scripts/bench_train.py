@@ -28,7 +28,9 @@ Configurations: ``tiny`` is the demo preset as is (a 2-layer Llama of width 64, 
 4 layers of TinyLlama-1.1B's width (2048) in fp32, the widest a CPU steps in seconds (``--configs wide``);
 ``large`` (GPU only) a Llama of TinyLlama-1.1B's shape with random weights (bf16 weights, bf16 autocast as
 ``stage.precision=bf16``, the vocabulary of 32,000 rows of the real model, the demo tokenizer using the first
-~400 ids) behind the official projector (32 queries: 320 video + 320 audio tokens per sample, as in the paper).
+~400 ids) behind the official projector (32 queries: 320 video + 320 audio tokens per sample, as in the paper),
+which reads the demo's tiny encoders' features (their width, not CLIP-L's or BEATs-base's: the projector's input
+layer is smaller than the paper's; every other shape is the paper's).
 
 Reported per method: the median step time, tokens/s (the batch's ``attention_mask`` sum over the timed steps
 divided by their summed time), and memory. On the CPU, memory is the bytes of the tensors saved for backward
@@ -143,7 +145,8 @@ CONFIGURATIONS = {
     "large": Configuration(
         "large",
         "Llama of TinyLlama-1.1B's shape, random (22 layers x 2048, intermediate 5632, 32 heads, 4 KV heads, "
-        "vocab 32000), bf16 weights and autocast; official projector (32 queries x 768)",
+        "vocab 32000), bf16 weights and autocast; official projector (32 queries x 768) on the demo's tiny "
+        "encoders' features",
         (
             f"{_BACKBONE}hidden_size=2048",
             f"{_BACKBONE}intermediate_size=5632",
