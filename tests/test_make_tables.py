@@ -315,19 +315,23 @@ def test_runs_that_are_no_cell_are_listed_with_the_reason(official):
     assert "cross/eval_avqa: it trained on build_ave_moka, not on MUSIC-AVQA" in printed
 
 
-def test_a_runs_best_step_is_not_counted_as_another_seed(tmp_path, preset_config):
-    """evaluate.py run_dir=<run_dir>/best scores best_steps/step-N, which holds a copy of the run's config.yaml:
-    still the same trained run, so the tables count its last step's score and list the best step's."""
+@pytest.mark.parametrize("steps", ["best_steps", "checkpoints"])
+def test_a_runs_best_or_intermediate_step_is_not_counted_as_another_seed(tmp_path, preset_config, steps):
+    """evaluate.py run_dir=<run_dir>/best scores best_steps/step-N, and run_dir=<run_dir>/checkpoints/step-N an
+    intermediate checkpoint; each holds a copy of the run's config.yaml: still the same trained run, so the tables
+    count its last step's score and list the step's."""
     config = preset_config("table2/llama2_visual", "adapter=lora")
     run = write_run(tmp_path / "run", config, {"official": score("mme", 950.0)}, "eval/mme/test")
-    write_run(run / "best_steps" / "step-00000003", config, {"official": score("mme", 990.0)}, "eval/mme/test")
+    write_run(run / steps / "step-00000003", config, {"official": score("mme", 990.0)}, "eval/mme/test")
     found, ignored = tables.find_runs(tmp_path, "official")
     assert [(r.folder, r.score) for r in found] == [(run / "eval/mme/test", 950.0)]
-    assert [i.folder for i in ignored] == [run / "best_steps/step-00000003/eval/mme/test"]
+    assert [i.folder for i in ignored] == [run / steps / "step-00000003/eval/mme/test"]
     assert "a second mme score of the run" in ignored[0].reason
     from moka_train.training.best import STEPS_DIR
+    from moka_train.training.checkpoints import CheckpointManager
 
     assert tables.BEST_STEPS_DIR == STEPS_DIR
+    assert CheckpointManager(tmp_path, 1, 0, lambda: None).directory.name == tables.CHECKPOINTS_DIR
 
 
 def test_seed_bench_scored_by_likelihood_is_no_cell_of_the_paper(tmp_path, preset_config):

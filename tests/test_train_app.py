@@ -274,6 +274,10 @@ def test_killed_after_a_step_resumes_to_the_same_weights(six_steps: Path, demo_r
     train(mid_save, demo_root, *common, "resume=auto")
     assert_same_trainables(trainables(mid_save), trainables(whole))
     assert sorted(p.name for p in (mid_save / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    # An intermediate checkpoint is a run directory to the evaluation tools: the run's config beside its trainables.
+    step_4 = mid_save / "checkpoints" / "step-00000004"
+    assert check_run_dir(step_4) == step_4
+    assert (step_4 / "config.yaml").read_text() == (mid_save / "config.yaml").read_text()
 
 
 def test_stopped_by_sigterm_saves_at_the_step_boundary_and_resumes_to_the_same_weights(

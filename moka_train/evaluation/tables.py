@@ -39,6 +39,8 @@ from moka_train.evaluation.scoring import ADAPTER_PATH_FILE, EVALUATION_FILE, SC
 
 PAPER_NUMBERS = "paper_numbers.csv"
 BEST_STEPS_DIR = "best_steps"  # training/best.py's STEPS_DIR, not imported: that would load torch for the tables
+CHECKPOINTS_DIR = "checkpoints"  # training/checkpoints.py's; each step-N/ there holds the run's config.yaml too
+STEP_FOLDERS = (BEST_STEPS_DIR, CHECKPOINTS_DIR)
 PAPER_COLUMNS = ("table", "backbone", "benchmark", "method", "adapter", "metric", "value")
 CONFIG_FILE = "config.yaml"  # scripts/train.py, the run's resolved config, in its run_dir
 MISSING = "—"  # a cell the paper reports and we have no run for
@@ -343,9 +345,10 @@ def find_config(folder: Path, runs_dir: Path) -> Path | None:
 
 def training_run(config_path: Path) -> Path:
     """The config.yaml of the training run ``config_path`` belongs to: a best step's folder
-    (``<run_dir>/best_steps/step-N/``, validation.keep_best) holds a copy of its run's config.yaml."""
+    (``<run_dir>/best_steps/step-N/``, validation.keep_best) and a checkpoint's (``<run_dir>/checkpoints/step-N/``)
+    hold a copy of their run's config.yaml."""
     step_folder = config_path.parent
-    if step_folder.parent.name == BEST_STEPS_DIR and (step_folder.parent.parent / CONFIG_FILE).is_file():
+    if step_folder.parent.name in STEP_FOLDERS and (step_folder.parent.parent / CONFIG_FILE).is_file():
         return step_folder.parent.parent / CONFIG_FILE
     return config_path
 
@@ -381,8 +384,11 @@ def find_runs(runs_dir: Path, mode: str) -> tuple[list[Run], list[Ignored]]:
     folder is missing, holds no score.json, or a score.json / config.yaml cannot be read."""
     if not runs_dir.is_dir():
         raise RunsError(f"{runs_dir}: {'not a folder' if runs_dir.exists() else 'no such folder'}")
-    # A run's last step before its best step (evaluate.py run_dir=<run_dir>/best): the tables count the last.
-    score_files = sorted(runs_dir.rglob(SCORE_FILE), key=lambda path: (BEST_STEPS_DIR in path.parts, path))
+    # A run's last step before its best or an intermediate step (evaluate.py run_dir=<run_dir>/best, or
+    # run_dir=<run_dir>/checkpoints/step-N): the tables count the last.
+    score_files = sorted(
+        runs_dir.rglob(SCORE_FILE), key=lambda path: (any(name in path.parts for name in STEP_FOLDERS), path)
+    )
     if not score_files:
         raise RunsError(
             f"{runs_dir}: no {SCORE_FILE} found; expected evaluated runs: a run folder with {CONFIG_FILE} (written "

@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -578,6 +579,8 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
     def save(step: int, pending_validation: Mapping[str, float] | None = None) -> Path:
         def write(directory: Path) -> None:
             save_trainables(engine.module, directory / "trainables")
+            if ctx.is_main:  # with its trainables, the folder is a run directory to the evaluation tools
+                shutil.copyfile(run_dir / "config.yaml", directory / "config.yaml")
             engine.save_state(directory / "state", ctx.rank)
             if cfg.fault.signal_during_save_at_step == step and ctx.rank == ctx.world_size - 1:
                 send_fault_signal(cfg.fault.signal_to)
