@@ -154,6 +154,10 @@ class ClipVisualEncoder(nn.Module):
         return self.preprocess([Image.fromarray(frame) for frame in array])
 
 
+def _drop_random_init_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
 def build_clip_encoder(
     model_name: str,
     layer: int = -2,
@@ -185,14 +189,21 @@ def build_clip_encoder(
     force_preprocess_cfg = {
         key: tuple(value) for key, value in (("mean", image_mean), ("std", image_std)) if value is not None
     }
-    model = open_clip.create_model(
-        model_name,
-        pretrained=None,
-        force_quick_gelu=force_quick_gelu,
-        force_preprocess_cfg=force_preprocess_cfg,
-        pretrained_image=False,
-        pretrained_text=False,
-    )
+    # open_clip warns on the root logger that no pretrained weights were loaded: random weights are what this
+    # builds (load_clip_encoder loads its checkpoint next), so every demo run need not print it.
+    root = logging.getLogger()
+    root.addFilter(_drop_random_init_notice)
+    try:
+        model = open_clip.create_model(
+            model_name,
+            pretrained=None,
+            force_quick_gelu=force_quick_gelu,
+            force_preprocess_cfg=force_preprocess_cfg,
+            pretrained_image=False,
+            pretrained_text=False,
+        )
+    finally:
+        root.removeFilter(_drop_random_init_notice)
     # Keep the image tower only; the text tower (123M parameters for ViT-L-14) is freed with ``model``.
     return ClipVisualEncoder(model.visual, layer)
 
