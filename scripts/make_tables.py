@@ -27,8 +27,11 @@ when several runs (seeds) share a cell. The paper's numbers are ``moka_train/eva
 
 Written to ``--out`` (default ``RUNS_DIR/tables/<mode>``), per table: ``table{N}.md`` and ``table{N}.csv`` (paper,
 ours and their delta for every cell; ``—`` where we have no run, ``n/r`` where the paper reports none) and
-``table{N}.png`` (grouped bars, paper against ours, per method and benchmark). The Markdown tables are printed,
-then the missing cells per table, the runs that fill no cell (each with the reason) and the files written. Bad
+``table{N}.png`` (grouped bars, paper against ours, per method and benchmark); and ``runs.md`` / ``runs.csv``:
+every evaluated run, paper cell or not (your own backbones, the demo's runs), with its backbone, method,
+benchmark, score and the answers scored out of those given, and whether the tables counted it. The Markdown
+tables are printed, then the missing cells per table, the runs that fill no cell (each with the reason), the
+list of every run and the files written. Bad
 input (RUNS_DIR missing, no score.json in it, a score.json or config.yaml that cannot be read) is one line on
 stderr naming the file, and exit status 2.
 """
@@ -45,10 +48,13 @@ from moka_train.evaluation.tables import (
     RunsError,
     Table,
     build_tables,
+    every_run,
     find_runs,
     load_paper_numbers,
+    runs_markdown,
     to_markdown,
     write_outputs,
+    write_runs,
 )
 
 
@@ -82,8 +88,10 @@ def main(argv: Sequence[str] | None = None) -> list[Table]:
         print(f"\nIgnored ({len(ignored)}), not a cell of the paper's tables:")
         for run in sorted(ignored, key=lambda run: run.folder):
             print(f"  {run.folder.relative_to(runs_dir)}: {run.reason}")
+    every = every_run(runs_dir, args.mode, runs, ignored)
+    print("\n" + runs_markdown(every, runs_dir, args.mode))
     try:
-        written = write_outputs(tables, out, runs_dir, args.mode)
+        written = write_outputs(tables, out, runs_dir, args.mode) + write_runs(every, out, runs_dir, args.mode)
     except OSError as error:
         print(f"make_tables.py: error: --out {out}: cannot write the tables ({error})", file=sys.stderr)
         raise SystemExit(2) from None

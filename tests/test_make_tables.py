@@ -445,7 +445,37 @@ def test_default_output_folder_is_under_runs_dir(script, tmp_path, preset_config
     write_run(tmp_path / "run", preset_config("table2/qwen2_visual"), {"official": score("seed_bench", 58.0)})
     script.main([str(tmp_path)])
     assert read_csv(tmp_path / "tables" / "official" / "table2.csv")[("2", "qwen2", "seed_bench", "moka")]["ours"]
-    assert f"wrote 12 files to {tmp_path / 'tables' / 'official'}" in capsys.readouterr().out
+    assert f"wrote 14 files to {tmp_path / 'tables' / 'official'}" in capsys.readouterr().out
+
+
+def test_every_evaluated_run_is_listed_with_its_scored_answers(script, tmp_path, preset_config, no_charts):
+    """runs.md / runs.csv list every score, paper cell or not: a paper cell (in the tables), the demo's own tiny
+    MokA run and a stage-1 run (no cell, with the reason), and a headline over 1 scored answer of 50 given."""
+    write_run(
+        tmp_path / "paper", preset_config("table2/llama2_visual", "adapter=lora"), {"official": score("mme", 950.0)}
+    )
+    demo = preset_config("demo", "stage=instruct", "adapter=moka")
+    write_run(tmp_path / "demo", demo, {"official": score("music_avqa", 99.5)}, "eval/music_avqa/test")
+    few = BenchmarkScore("air_bench", "official", "accuracy", 100.0, counts={"total": 50, "scored": 1})
+    write_run(tmp_path / "demo_speech", demo, {"official": few})
+    write_run(tmp_path / "stage1", preset_config("demo", "stage=pretrain"), {"official": score("mme", 10.0)})
+    script.main([str(tmp_path)])
+    with (tmp_path / "tables" / "official" / "runs.csv").open(encoding="utf-8", newline="") as file:
+        rows = {row["run"]: row for row in csv.DictReader(file)}
+    assert set(rows) == {"paper", "demo/eval/music_avqa/test", "demo_speech", "stage1"}
+    assert rows["paper"] | {"in_tables": "yes"} == rows["paper"]
+    assert (rows["paper"]["backbone"], rows["paper"]["method"], rows["paper"]["score"]) == (
+        "llama2_7b_chat",
+        "lora",
+        "950.00",
+    )
+    demo_row = rows["demo/eval/music_avqa/test"]
+    assert (demo_row["backbone"], demo_row["method"], demo_row["benchmark"]) == ("tiny_llama", "moka", "music_avqa")
+    assert demo_row["in_tables"] not in ("yes", "?") and demo_row["score"] == "99.50"
+    assert (rows["demo_speech"]["scored"], rows["demo_speech"]["total"]) == ("1", "50")
+    assert rows["stage1"]["method"] == "none (stage 1)"
+    markdown = (tmp_path / "tables" / "official" / "runs.md").read_text(encoding="utf-8")
+    assert "| demo_speech | tiny_llama | moka | air_bench | accuracy | 100.00 | 1 | 50 |" in markdown
 
 
 # ----------------------------------------------------------------------------------------------- bad input

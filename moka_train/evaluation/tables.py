@@ -730,3 +730,91 @@ def write_outputs(tables: Sequence[Table], out_dir: Path, runs_dir: Path, mode: 
         plot(table, chart)
         written += [markdown, table_csv, chart]
     return written
+
+
+# -- every evaluated run, paper cell or not ------------------------------------------------------------
+RUN_COLUMNS = ("run", "backbone", "method", "benchmark", "metric", "score", "scored", "total", "in_tables")
+
+
+@dataclass
+class RunScore:
+    """One score.json's ``mode`` score with what its run trained: a row of runs.md / runs.csv."""
+
+    folder: Path
+    backbone: str
+    method: str
+    benchmark: str
+    metric: str
+    score: float
+    scored: int | None
+    total: int | None
+    in_tables: str  # "yes", or why the paper's tables leave it out
+
+
+def every_run(runs_dir: Path, mode: str, runs: Sequence[Run], ignored: Sequence[Ignored]) -> list[RunScore]:
+    """Every score.json under ``runs_dir`` that has a ``mode`` score, paper cell or not (your own backbones, the
+    demo's tiny runs, ablations), with the answers it scored out of those given: a headline over few scored
+    answers (AIR-Bench drops the unparsable ones) shows as such. ``runs`` and ``ignored`` are ``find_runs``'s."""
+    reasons = {run.folder: "yes" for run in runs} | {item.folder: item.reason for item in ignored}
+    rows = []
+    for path in sorted(runs_dir.rglob(SCORE_FILE)):
+        scores = _load_json(path)
+        score = scores.get(mode) if isinstance(scores, dict) else None
+        if not isinstance(score, dict) or not isinstance(score.get("main"), (int, float)):
+            continue
+        config_path = find_config(path.parent, runs_dir)
+        config = _load_config(config_path) if config_path is not None else {}
+        adapter = config.get("adapter")
+        counts = score.get("counts") if isinstance(score.get("counts"), dict) else {}
+        rows.append(
+            RunScore(
+                folder=path.parent,
+                backbone=str(_get(config, "model.name") or "?"),
+                method=str(adapter.get("method")) if isinstance(adapter, Mapping) else "none (stage 1)",
+                benchmark=str(score.get("benchmark", "?")),
+                metric=str(score.get("main_name", "")),
+                score=float(score["main"]),
+                scored=counts.get("scored"),
+                total=counts.get("total"),
+                in_tables=reasons.get(path.parent, "?"),
+            )
+        )
+    return rows
+
+
+def _run_row(row: RunScore, runs_dir: Path) -> dict[str, Any]:
+    return {
+        "run": str(row.folder.relative_to(runs_dir)),
+        "backbone": row.backbone,
+        "method": row.method,
+        "benchmark": row.benchmark,
+        "metric": row.metric,
+        "score": f"{row.score:.2f}",
+        "scored": "" if row.scored is None else row.scored,
+        "total": "" if row.total is None else row.total,
+        "in_tables": row.in_tables,
+    }
+
+
+def runs_markdown(rows: Sequence[RunScore], runs_dir: Path, mode: str) -> str:
+    lines = [
+        f"### Every evaluated run ({mode})",
+        "",
+        "| " + " | ".join(RUN_COLUMNS) + " |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(str(value) for value in _run_row(row, runs_dir).values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_runs(rows: Sequence[RunScore], out_dir: Path, runs_dir: Path, mode: str) -> list[Path]:
+    """``runs.md`` and ``runs.csv`` in ``out_dir``; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown, table_csv = out_dir / "runs.md", out_dir / "runs.csv"
+    markdown.write_text(runs_markdown(rows, runs_dir, mode), encoding="utf-8")
+    with table_csv.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=RUN_COLUMNS)
+        writer.writeheader()
+        writer.writerows(_run_row(row, runs_dir) for row in rows)
+    return [markdown, table_csv]
