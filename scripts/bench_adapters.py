@@ -459,8 +459,10 @@ def _peft_lora(model: nn.Module, targets: list[str]) -> nn.Module:
 def adapt(
     method: str, base: nn.Module, targets: list[str], routing: tuple[Tensor, Tensor]
 ) -> tuple[nn.Module, Callable[[], None]]:
-    """A fresh copy of ``base`` carrying ``method``, and the call that binds the batch's routing to it."""
-    model = copy.deepcopy(base)
+    """A copy of ``base`` carrying ``method``, and the call that binds the batch's routing to it. The copies share
+    ``base``'s frozen parameters (every method freezes them): all methods are alive at once while they take turns,
+    and one set of 7B-width weights per method would not fit a GPU."""
+    model = copy.deepcopy(base, memo={id(parameter): parameter for parameter in base.parameters()})
     if method == "base":
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -488,7 +490,7 @@ def linear_workloads(settings: Settings) -> tuple[str, Callable[[str], Workload]
     are built once and shared by every adapted layer, so a single layer's steady state reuses them."""
     width, layout, device, dtype = settings.linear_width, settings.layout, settings.device, settings.dtype
     torch.manual_seed(0)
-    base = _OneLinear(nn.Linear(width, width, bias=False)).to(device=device, dtype=dtype)
+    base = _OneLinear(nn.Linear(width, width, bias=False)).to(device=device, dtype=dtype).requires_grad_(False)
     routing = layout.routing(device)
     x = torch.randn(layout.batch, layout.tokens, width, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(layout.batch, layout.tokens, width, device=device, dtype=dtype)
@@ -523,7 +525,7 @@ def stack_workloads(settings: Settings) -> tuple[str, Callable[[str], Workload],
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    base = LlamaModel(config).to(device=device, dtype=dtype)
+    base = LlamaModel(config).to(device=device, dtype=dtype).requires_grad_(False)
     routing = layout.routing(device)
     embeds = torch.randn(layout.batch, layout.tokens, size.hidden, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(layout.batch, layout.tokens, size.hidden, device=device, dtype=dtype)

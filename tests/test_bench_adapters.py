@@ -96,3 +96,14 @@ def test_bf16_runs_under_autocast(bench, capsys):
     settings = bench.make_settings(bench.parse_args(["--quick", "--dtype", "bf16"]))
     with bench._autocast(settings):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+
+
+def test_methods_share_the_frozen_weights(bench):
+    """Every method is alive at once while they take turns: their copies hold base's frozen weights, not copies
+    of them (16 copies of the 7B-width stack would not fit a GPU), and only the adapters train."""
+    settings = bench.make_settings(bench.parse_args(["--quick"]))
+    _, build, _ = bench.stack_workloads(settings)
+    works = {method: build(method) for method in ("base", "peft_lora", "moka", "official_loop_moka")}
+    frozen = [{p.data_ptr() for p in w.model.parameters() if not p.requires_grad} for w in works.values()]
+    assert frozen[0] and all(ptrs == frozen[0] for ptrs in frozen[1:])
+    assert all(any(p.requires_grad for p in w.model.parameters()) for m, w in works.items() if m != "base")

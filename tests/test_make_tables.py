@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moka_train.evaluation import tables
 from moka_train.evaluation.metrics import BenchmarkScore
+from moka_train.evaluation.scoring import ADAPTER_PATH_FILE
 from moka_train.evaluation.tables import (
     BACKBONES,
     BENCHMARKS,
@@ -448,6 +449,23 @@ def test_default_output_folder_is_under_runs_dir(script, tmp_path, preset_config
     assert f"wrote 14 files to {tmp_path / 'tables' / 'official'}" in capsys.readouterr().out
 
 
+def test_of_a_runs_steps_alone_the_latest_counts_wherever_runs_dir_lies(tmp_path, preset_config):
+    """Only intermediate checkpoints evaluated: the latest step is the run's cell (not the first in path order),
+    also when RUNS_DIR itself lies in a folder named like a step folder (only the path below RUNS_DIR counts)."""
+    config = preset_config("table2/llama2_visual", "adapter=lora")
+    runs_dir = tmp_path / "checkpoints" / "runs"
+    run = write_run(runs_dir / "run", config, {"official": score("mme", 950.0)}, "eval/mme/test")
+    write_run(run / "best_steps" / "step-00000003", config, {"official": score("mme", 990.0)}, "eval/mme/test")
+    found, _ = tables.find_runs(runs_dir, "official")
+    assert [(r.folder, r.score) for r in found] == [(run / "eval/mme/test", 950.0)]
+    steps_only = tmp_path / "steps_only"
+    for step, value in ((100, 500.0), (900, 990.0), (40, 300.0)):
+        write_run(steps_only / "run" / "checkpoints" / f"step-{step:08d}", config, {"official": score("mme", value)})
+    (steps_only / "run" / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    found, ignored = tables.find_runs(steps_only, "official")
+    assert [r.score for r in found] == [990.0] and len(ignored) == 2
+
+
 def test_every_evaluated_run_is_listed_with_its_scored_answers(script, tmp_path, preset_config, no_charts):
     """runs.md / runs.csv list every score, paper cell or not: a paper cell (in the tables), the demo's own tiny
     MokA run and a stage-1 run (no cell, with the reason), and a headline over 1 scored answer of 50 given."""
@@ -459,6 +477,9 @@ def test_every_evaluated_run_is_listed_with_its_scored_answers(script, tmp_path,
     few = BenchmarkScore("air_bench", "official", "accuracy", 100.0, counts={"total": 50, "scored": 1})
     write_run(tmp_path / "demo_speech", demo, {"official": few})
     write_run(tmp_path / "stage1", preset_config("demo", "stage=pretrain"), {"official": score("mme", 10.0)})
+    partial = write_run(tmp_path / "partial", demo, {"official": score("music_avqa", 50.0)})
+    (partial / ADAPTER_PATH_FILE).write_text("{}", encoding="utf-8")
+    (partial / "score.json").write_text("{not json", encoding="utf-8")  # unread by the tables: no row, no error
     script.main([str(tmp_path)])
     with (tmp_path / "tables" / "official" / "runs.csv").open(encoding="utf-8", newline="") as file:
         rows = {row["run"]: row for row in csv.DictReader(file)}

@@ -707,7 +707,9 @@ def test_a_stop_signal_on_a_validation_step_leaves_the_validation_to_the_resumed
     overshooting: tuple[Path, str], demo_root: Path, tmp_path: Path
 ):
     """SIGTERM right after the best step: the run saves and stops without validating, and the resumed run
-    validates that step first. Every step's val_loss, and the best, are the uninterrupted run's."""
+    validates that step first; a second SIGTERM during that validation stops it right after (with the step's
+    checkpoint saved again, validated), and the next resume goes on from there. Every step's val_loss, and the
+    best, are the uninterrupted run's."""
     whole, _ = overshooting
     measured = validation_losses(whole)
     lowest = min(measured, key=measured.get)
@@ -716,8 +718,12 @@ def test_a_stop_signal_on_a_validation_step_leaves_the_validation_to_the_resumed
     output = train(stopped, demo_root, *OVERSHOOTING, *signal_at_lowest, expect=128 + signal.SIGTERM)
     assert f"stopped after step {lowest} (SIGTERM)" in output
     assert lowest not in validation_losses(stopped)
-    output = train(stopped, demo_root, *OVERSHOOTING, "resume=auto")
+    during = (f"fault.signal_during_validation_at_step={lowest}", "fault.signal_to=self")
+    output = train(stopped, demo_root, *OVERSHOOTING, "resume=auto", *during, expect=128 + signal.SIGTERM)
     assert f"step {lowest}: its validation, skipped by the stop signal, runs now" in output
+    assert f"stopped after step {lowest} (SIGTERM)" in output and lowest in validation_losses(stopped)
+    output = train(stopped, demo_root, *OVERSHOOTING, "resume=auto")
+    assert "skipped by the stop signal" not in output and f"at step {lowest}" in output
     assert validation_losses(stopped) == pytest.approx(measured, rel=1e-5)
     rows = read_metrics(stopped / "metrics.jsonl")
     assert [row["step"] for row in rows] == list(range(1, 7)) and all("loss" in row for row in rows)

@@ -343,6 +343,16 @@ def find_config(folder: Path, runs_dir: Path) -> Path | None:
     return None
 
 
+def step_order(relative: Path) -> tuple[bool, int, Path]:
+    """Sort key of a score.json's path under RUNS_DIR: a run's own evaluation first, then its steps' (best or
+    intermediate), the latest step first."""
+    parts = relative.parts
+    for i, name in enumerate(parts[:-1]):
+        if name in STEP_FOLDERS and parts[i + 1].startswith("step-") and parts[i + 1][5:].isdigit():
+            return True, -int(parts[i + 1][5:]), relative
+    return False, 0, relative
+
+
 def training_run(config_path: Path) -> Path:
     """The config.yaml of the training run ``config_path`` belongs to: a best step's folder
     (``<run_dir>/best_steps/step-N/``, validation.keep_best) and a checkpoint's (``<run_dir>/checkpoints/step-N/``)
@@ -385,10 +395,8 @@ def find_runs(runs_dir: Path, mode: str) -> tuple[list[Run], list[Ignored]]:
     if not runs_dir.is_dir():
         raise RunsError(f"{runs_dir}: {'not a folder' if runs_dir.exists() else 'no such folder'}")
     # A run's last step before its best or an intermediate step (evaluate.py run_dir=<run_dir>/best, or
-    # run_dir=<run_dir>/checkpoints/step-N): the tables count the last.
-    score_files = sorted(
-        runs_dir.rglob(SCORE_FILE), key=lambda path: (any(name in path.parts for name in STEP_FOLDERS), path)
-    )
+    # run_dir=<run_dir>/checkpoints/step-N), and the latest of those: the tables count the first seen.
+    score_files = sorted(runs_dir.rglob(SCORE_FILE), key=lambda path: step_order(path.relative_to(runs_dir)))
     if not score_files:
         raise RunsError(
             f"{runs_dir}: no {SCORE_FILE} found; expected evaluated runs: a run folder with {CONFIG_FILE} (written "
@@ -758,12 +766,15 @@ def every_run(runs_dir: Path, mode: str, runs: Sequence[Run], ignored: Sequence[
     reasons = {run.folder: "yes" for run in runs} | {item.folder: item.reason for item in ignored}
     rows = []
     for path in sorted(runs_dir.rglob(SCORE_FILE)):
-        scores = _load_json(path)
-        score = scores.get(mode) if isinstance(scores, dict) else None
-        if not isinstance(score, dict) or not isinstance(score.get("main"), (int, float)):
+        try:  # files find_runs left unread (a partial-modality folder's): an unreadable one is no row
+            scores = _load_json(path)
+            score = scores.get(mode) if isinstance(scores, dict) else None
+            if not isinstance(score, dict) or not isinstance(score.get("main"), (int, float)):
+                continue
+            config_path = find_config(path.parent, runs_dir)
+            config = _load_config(config_path) if config_path is not None else {}
+        except RunsError:
             continue
-        config_path = find_config(path.parent, runs_dir)
-        config = _load_config(config_path) if config_path is not None else {}
         adapter = config.get("adapter")
         counts = score.get("counts") if isinstance(score.get("counts"), dict) else {}
         rows.append(

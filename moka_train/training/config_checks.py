@@ -28,10 +28,10 @@ from moka_train.training.stop_signals import parse_stop_signals
 STAGES = ("pretrain", "instruct")
 FAULT_SIGNAL_TARGETS = ("self", "group", "launcher")
 
-# The keys of the sections the recipe reads one by one (configs/train.yaml and configs/stage/*.yaml; a test keeps
-# them equal). The open sections (model, adapter, encoder, projector, data) are instantiated: their classes
-# refuse what they do not take. Top level: train.yaml's keys, the config groups, and ``stage1_dir``, which the
-# paper presets interpolate into stage.init_from.
+# The keys of the sections the recipe reads one by one (configs/train.yaml, configs/{stage,model,data,deepspeed}/;
+# a test keeps them equal). What is instantiated (adapter, encoder, projector, model.backbone, model.tokenizer,
+# data.builder) is checked by its class, which refuses what it does not take. Top level: train.yaml's keys, the
+# config groups, and ``stage1_dir``, which the paper presets interpolate into stage.init_from.
 KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "": (
         "seed", "run_dir", "resume", "checkpoint", "features", "loader", "validation", "on_nonfinite",
@@ -53,6 +53,8 @@ KNOWN_KEYS: dict[str, tuple[str, ...]] = {
         "nonfinite_gradient_at_step",
     ),
     "deepspeed": ("json",),
+    "model": ("name", "backbone", "tokenizer", "chat_template", "architecture"),
+    "data": ("builder", "media"),
 }  # fmt: skip
 
 
@@ -179,7 +181,8 @@ def check_components(cfg: DictConfig) -> None:
             # The paper presets build the paths from stage1_dir (configs/experiment/README.md).
             stage1_dir = cfg.get("stage1_dir")
             hint = f" (from stage1_dir={stage1_dir}: give stage1_dir=<your runs/stage1/<backbone> prefix>)"
-            raise ValueError(f"stage.init_from[{i}].path: {error}{hint if stage1_dir else ''}") from None
+            from_it = stage1_dir and str(entry["path"]).startswith(str(stage1_dir))
+            raise ValueError(f"stage.init_from[{i}].path: {error}{hint if from_it else ''}") from None
 
 
 def _integer(value: Any) -> bool:

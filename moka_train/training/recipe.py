@@ -531,9 +531,9 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
     # From here on the random numbers are dropout's (the data order has its own seeded generators): each rank its
     # own stream, or every rank would drop the same positions of its Q-Former queries and adapter inputs. Rank 0
     # goes on with the stream that built the model, as one process does. A resumed run restores each rank's
-    # saved state below.
+    # saved state below. (seed, rank) mixed so that seed s + 1's rank r is not seed s's rank r + 1.
     if ctx.rank > 0:
-        torch.manual_seed(cfg.seed + ctx.rank)
+        torch.manual_seed(cfg.seed * 1_000_003 + ctx.rank)
 
     trained_on = data_identity(record.id for record in dataset.records)
     start_step, resumed = 0, {}
@@ -683,11 +683,16 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
             if pending is not None and last_step > start_step:
                 logger.info("step %d: its validation, skipped by the stop signal, runs now", start_step)
                 metrics = dict(pending)
+                if cfg.fault.signal_during_validation_at_step == start_step and ctx.rank == ctx.world_size - 1:
+                    send_fault_signal(cfg.fault.signal_to)
                 early = validate(start_step, metrics)
                 run_log.log(start_step, metrics)
                 if early:
                     save(start_step)
                     log_early_stop(start_step)
+                    last_step = start_step
+                elif stop_requested(stop, start_step, total_steps):  # a signal during it: stop now, as below
+                    stopped = RunStoppedError(stop.received, start_step, save(start_step))
                     last_step = start_step
             for step in range(start_step + 1, last_step + 1):
                 started, lr = time.monotonic(), engine.lr()  # the rate this step uses
