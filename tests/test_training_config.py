@@ -126,7 +126,8 @@ def test_settings_that_hide_nonfinite_gradients_are_refused(change, key):
         resolve_deepspeed_config({**load_deepspeed_config("zero2"), **change}, **settings)
     # Stated the way DeepSpeed's defaults are, the file is accepted.
     fine = {"zero_optimization": {"stage": 1, "compute_grad_norm": True}, "bf16": {"check_grad_overflow": True}}
-    assert resolve_deepspeed_config({**load_deepspeed_config("zero2"), **fine}, **settings)["bf16"]["enabled"]
+    stage_1 = resolve_deepspeed_config({**load_deepspeed_config("zero2"), **fine}, **settings)
+    assert stage_1["bf16"]["enabled"] and "data_types" not in stage_1  # fp32 accumulation for ZeRO-2/3 only
 
 
 @pytest.fixture(scope="module")

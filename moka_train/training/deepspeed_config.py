@@ -116,9 +116,11 @@ def resolve_deepspeed_config(
         resolved[name] = block
     if precision == "bf16" and knows_bf16_overflow_check():  # said, whatever this version's default
         resolved["bf16"]["check_grad_overflow"] = True
-    if precision == "bf16":
+    if precision == "bf16" and zero.get("stage", 0) >= 2:
         # Micro-steps' gradients summed in fp32, as the plain engine's autocast over fp32 weights does: DeepSpeed
         # would sum them in the bf16 of its weights (8 bits of mantissa, over 8 micro-steps on one GPU). A file's
-        # own data_types.grad_accum_dtype is kept.
+        # own data_types.grad_accum_dtype is kept. ZeRO-2/3 honour it inside their optimizer; ZeRO-1 would switch
+        # to DeepSpeed's BF16_Optimizer instead (another checkpoint layout and overflow handling, untested here),
+        # so a stage-1 file is left as it is.
         resolved["data_types"] = {"grad_accum_dtype": "fp32", **(resolved.get("data_types") or {})}
     return resolved
