@@ -170,7 +170,7 @@ class _TensorBoardBackend(_Backend):
 
 def check_logger_config(cfg: Mapping[str, Any]) -> None:
     """The Hydra ``logger`` group's values, each error naming its key; run before anything is built (the
-    training recipe's config checks) and again by ``RunLogger.from_config``. Unknown keys are refused by name so
+    training recipe's config checks) and again by ``RunLogger`` on its arguments. Unknown keys are refused by name so
     that a typo (``projcet``) does not silently log to the default project; a backend's missing package is
     found on every rank alike."""
     unknown = sorted(set(cfg) - set(CONFIG_KEYS))
@@ -216,24 +216,12 @@ class RunLogger:
         smoothing_window: int = 20,
         bar_file: IO[str] | None = None,
     ) -> None:
-        backends = [backend] if isinstance(backend, str) else list(backend)
-        for b in backends:
-            if b not in BACKENDS:
-                raise ValueError(f"logger.backend must be one of {BACKENDS} (or a list of them), got {b!r}")
-        backends = [b for b in dict.fromkeys(backends) if b != "none"]
-        if wandb_mode not in WANDB_MODES:
-            raise ValueError(f"logger.mode must be one of {WANDB_MODES}, got {wandb_mode!r}")
+        check_logger_config({"backend": backend, "mode": wandb_mode, "bar": bar, "smoothing_window": smoothing_window})
+        backends = [b for b in dict.fromkeys([backend] if isinstance(backend, str) else backend) if b != "none"]
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         if not 0 <= initial_step <= total_steps:
             raise ValueError(f"initial_step must be in [0, total_steps={total_steps}], got {initial_step}")
-        if smoothing_window < 1:
-            raise ValueError(f"logger.smoothing_window must be >= 1, got {smoothing_window}")
-        for b in backends:
-            if find_spec(_BACKEND_PACKAGES[b]) is None:
-                raise ImportError(
-                    f"logger.backend={b} needs the {_BACKEND_PACKAGES[b]!r} package: pip install {_BACKEND_PACKAGES[b]}"
-                )
 
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
@@ -297,7 +285,7 @@ class RunLogger:
     ) -> RunLogger:
         """From the Hydra ``logger`` group (configs/logger/*.yaml); unknown keys are refused by name so that a
         typo (``projcet``) does not silently log to the default project."""
-        check_logger_config(cfg)
+        check_logger_config(cfg)  # the unknown keys (RunLogger checks the values it is given)
         backend = cfg.get("backend", "none")
         if not isinstance(backend, str):
             backend = list(backend)
