@@ -429,6 +429,7 @@ def test_stage1_trainables_start_stage2(demo_root: Path, tmp_path: Path):
     output = train(stage2, demo_root, "deepspeed=none", f"stage.init_from={stage1}/trainables",
                    "stage.max_steps=1", "stage.lr=1e-30")  # fmt: skip
     assert "initialised from" in output
+    assert "; 1 optimizer steps (stage.max_steps; stage.epochs=3 is not used)" in output
     after = load_file(stage2 / "trainables" / "trainables.safetensors")
     assert_same_trainables(after, projectors, 1e-12)
     # Without init_from, the same stage 2 would start elsewhere (its model built here, as the run builds it).

@@ -526,7 +526,10 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
         drop_last=cfg.stage.drop_last,
     )
     total_steps = plan.steps_per_epoch * cfg.stage.epochs if cfg.stage.max_steps is None else cfg.stage.max_steps
-    logger.info("data: %s; %d optimizer steps", plan.describe(), total_steps)
+    # stage.max_steps wins over stage.epochs (the presets' null lets the epochs decide): say so, a changed
+    # epochs would otherwise be ignored without a word.
+    by = "" if cfg.stage.max_steps is None else f" (stage.max_steps; stage.epochs={cfg.stage.epochs} is not used)"
+    logger.info("data: %s; %d optimizer steps%s", plan.describe(), total_steps, by)
     engine = build_engine(cfg, model, plan, total_steps, ctx)
     # From here on the random numbers are dropout's (the data order has its own seeded generators): each rank its
     # own stream, or every rank would drop the same positions of its Q-Former queries and adapter inputs. Rank 0
