@@ -656,6 +656,8 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
 
     def validate(step: int, metrics: dict[str, float]) -> bool:
         """The validation after ``step``, its results added to ``metrics``; whether validation.patience ran out."""
+        if cfg.fault.signal_during_validation_at_step == step and ctx.rank == ctx.world_size - 1:
+            send_fault_signal(cfg.fault.signal_to)
         validation_started = time.monotonic()
         metrics["val_loss"], label_tokens = validation_loss(engine, loader(data.validation, held_out), encoders)
         metrics["val_time"] = time.monotonic() - validation_started
@@ -686,8 +688,6 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
             if pending is not None and last_step > start_step:
                 logger.info("step %d: its validation, skipped by the stop signal, runs now", start_step)
                 metrics = dict(pending)
-                if cfg.fault.signal_during_validation_at_step == start_step and ctx.rank == ctx.world_size - 1:
-                    send_fault_signal(cfg.fault.signal_to)
                 early = validate(start_step, metrics)
                 run_log.log(start_step, metrics)
                 if early:
@@ -762,8 +762,6 @@ def _train_in(cfg: DictConfig, ctx: DistributedContext, run_dir: Path) -> Path:
                 validation_due = data.validation is not None and due(step, cfg.validation.every_steps, total_steps)
                 validated = validation_due and not stopping  # a stop signal leaves it to the resumed run
                 if validated:
-                    if cfg.fault.signal_during_validation_at_step == step and ctx.rank == ctx.world_size - 1:
-                        send_fault_signal(cfg.fault.signal_to)
                     early = validate(step, metrics)
                     # A signal during the validation (minutes, on a large split): save and stop now, not a step later.
                     stopping = stop_requested(stop, step, total_steps)
