@@ -171,10 +171,7 @@ def check_components(cfg: DictConfig) -> None:
             load_deepspeed_config(cfg.deepspeed.json)
         except (OSError, ValueError) as error:
             raise ValueError(f"deepspeed.json: {error}") from None
-    init_from = cfg.stage.init_from
-    if OmegaConf.is_config(init_from):
-        init_from = OmegaConf.to_container(init_from, resolve=True)
-    for i, entry in enumerate(init_entries(init_from)):
+    for i, entry in enumerate(init_entries(cfg.stage.init_from)):
         try:
             read_manifest(entry["path"])
         except (OSError, ValueError) as error:
@@ -228,7 +225,10 @@ def check_validation_config(cfg: DictConfig) -> None:
 
 def init_entries(init_from: Any) -> list[dict[str, Any]]:
     """``stage.init_from`` as a list of ``{path, modalities, parts}``: a path string loads every projector
-    and the added tokens (and an adapter if the checkpoint has one)."""
+    and the added tokens (and an adapter if the checkpoint has one). ``init_from`` as in the config (a Hydra
+    node, resolved here) or as plain values."""
+    if OmegaConf.is_config(init_from):
+        init_from = OmegaConf.to_container(init_from, resolve=True)
     if init_from is None:
         return []
     entries = [init_from] if isinstance(init_from, str) else list(init_from)

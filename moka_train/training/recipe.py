@@ -282,13 +282,7 @@ def build_model_and_collator(
         stage=cfg.stage.name,
         seed=cfg.seed,
     )
-    for i, entry in enumerate(
-        init_entries(
-            OmegaConf.to_container(cfg.stage.init_from, resolve=True)
-            if OmegaConf.is_config(cfg.stage.init_from)
-            else cfg.stage.init_from
-        )
-    ):
+    for i, entry in enumerate(init_entries(cfg.stage.init_from)):
         parts = entry.get("parts")
         if adapter is None:  # a run that trains no adapter (stage 1) takes none from a stage-2 run's trainables
             if parts is not None and "adapter" in parts:
